@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@# A machine that already has torch (the GPU box) keeps it: the venv then sees system site-packages.
+	@test -x $(BIN)/python || { $(PY) -c "import torch" 2>/dev/null && $(PY) -m venv --system-site-packages $(VENV) \
+		|| $(PY) -m venv $(VENV); }
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0 numpy
 	$(BIN)/pip install -q -e ".[test]"
 	@touch $@
