@@ -105,15 +105,15 @@ async def score_sample(args: Any, sample: Sample, stats: RewardStats) -> None:
     sample.reward = value if ok else float(args.rm_default_reward)
 
 
-async def score_group(args: Any, samples: list[Sample], stats: RewardStats) -> None:
+async def score_group(args: Any, samples: list[Sample], stats: RewardStats) -> RewardStats:
     """`--group-rm`: one call `rm(args, samples) -> list` for the samples still without reward."""
     todo = [s for s in samples if s.reward is None and s.status != Sample.Status.ABORTED]
     if not todo:
-        return
+        return stats
     fn = load_function(getattr(args, "custom_rm_path", None))
     if fn is None:  # no batched rm: the single-sample rm on each sample, concurrently
         await asyncio.gather(*(score_sample(args, s, stats) for s in todo))
-        return
+        return stats
     ok, values = await _guarded(fn, (args, todo), args, stats, n=len(todo))
     if ok and (not isinstance(values, (list, tuple)) or len(values) != len(todo) or not all(map(_valid, values))):
         got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
@@ -122,6 +122,7 @@ async def score_group(args: Any, samples: list[Sample], stats: RewardStats) -> N
         ok = False
     for i, s in enumerate(todo):
         s.reward = values[i] if ok else float(args.rm_default_reward)
+    return stats
 
 
 async def score_samples(args: Any, samples: list[Sample], stats: RewardStats | None = None) -> RewardStats:
