@@ -1,0 +1,214 @@
+"""Runs the unified model for one scheduled batch: builds paged-attention metadata, replays a CUDA graph for
+pure-decode batches (one graph per padded batch-size bucket) or runs eagerly, then samples."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from miles.engine.attention import AttnMetadata, KVCache, PagedAttention
+from miles.engine.sampler import SamplingBatch, sample
+from miles.engine.sequence import Sequence
+from miles.models import CausalLM, RoutingCapture
+
+ScheduledBatch = list[tuple[Sequence, int]]  # (sequence, number of its tokens computed this step)
+
+
+def _triton_ok(device: torch.device, head_dim: int) -> bool:
+    if device.type != "cuda" or head_dim < 16 or head_dim & (head_dim - 1):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def graph_buckets(max_bs: int) -> list[int]:
+    """Padded decode batch sizes that get a CUDA graph."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+    return sorted(set(sizes))
+
+
+class ModelRunner:
+    """Owns the KV cache and (on CUDA) the decode graphs for one model."""
+
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_model_len: int,
+                 max_num_seqs: int, use_cuda_graphs: bool, graph_max_bs: int = 256):
+        self.model, self.config = model, model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.num_blocks, self.block_size, self.max_model_len = num_blocks, block_size, max_model_len
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.use_triton = _triton_ok(self.device, self.config.head_dim)
+        self.use_cuda_graphs = use_cuda_graphs and self.use_triton
+        self.graph_max_bs = min(graph_max_bs, max_num_seqs)
+        self.is_moe = self.config.is_moe
+        self.cache: KVCache | None = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, RoutingCapture | None]] = {}
+        self.num_graph_replays = 0
+        self.allocate_cache()
+
+    # ---- memory --------------------------------------------------------------------------------------------
+    def allocate_cache(self) -> None:
+        c = self.config
+        self.cache = KVCache(c.num_hidden_layers, self.num_blocks, self.block_size, c.num_key_value_heads,
+                             c.head_dim, self.dtype, self.device)
+
+    def free_cache(self) -> None:
+        self.cache = None
+        self.graphs.clear()  # graphs point at the freed cache and at the weights' old addresses
+        self._static = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- decode partitioning -------------------------------------------------------------------------------
+    def _partitions(self, num_seqs: int, max_ctx: int) -> tuple[int, int]:
+        from miles.engine.triton_attention import partition_len
+
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        want = math.ceil(4 * sms / max(1, num_seqs * self.config.num_key_value_heads))
+        p = max(1, min(want, math.ceil(max_ctx / 256)))
+        return p, partition_len(max_ctx, p)
+
+    # ---- metadata ------------------------------------------------------------------------------------------
+    def _metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata, list[int]]:
+        bs = self.block_size
+        ids, pos, slots, qstart, qlens, clens, tables, sample_rows = [], [], [], [], [], [], [], []
+        for seq, n in batch:
+            start = seq.num_computed
+            qstart.append(len(ids))
+            ids.extend(seq.token_ids[start : start + n])
+            pos.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            qlens.append(n)
+            clens.append(start + n)
+            tables.append(table)
+            if start + n == len(seq):
+                sample_rows.append(len(ids) - 1)
+        width = max(len(t) for t in tables)
+        dev, i32 = self.device, torch.int32
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=i32)
+        md = AttnMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            block_tables=bt.to(dev, non_blocking=True),
+            context_lens=torch.tensor(clens, dtype=i32).to(dev, non_blocking=True),
+            query_start=torch.tensor(qstart, dtype=i32).to(dev, non_blocking=True),
+            query_lens=torch.tensor(qlens, dtype=i32).to(dev, non_blocking=True),
+            query_lens_cpu=qlens,
+            context_lens_cpu=clens,
+        )
+        if self.use_triton:
+            from miles.engine.triton_attention import PREFILL_BLOCK_M
+
+            dec = [i for i, n in enumerate(qlens) if n == 1]
+            tiles = [(i, m) for i, n in enumerate(qlens) if n > 1 for m in range(0, n, PREFILL_BLOCK_M)]
+            md.decode_rows = torch.tensor([qstart[i] for i in dec], dtype=i32).to(dev, non_blocking=True)
+            md.decode_seqs = torch.tensor(dec, dtype=i32).to(dev, non_blocking=True)
+            md.prefill_tiles = torch.tensor(tiles, dtype=i32).reshape(-1, 2).to(dev, non_blocking=True)
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        positions = torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True)
+        return input_ids, positions, md, sample_rows
+
+    # ---- execution -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, sb: SamplingBatch | None,
+            want_routing: bool) -> tuple[list[int], list[float], torch.Tensor | None]:
+        """Forward the batch; sample one token for every sequence whose last token was computed.
+
+        Returns (tokens, logprobs) for those sequences in batch order, and the routed expert ids
+        [T, moe_layers, k] of all computed tokens (CPU) when `want_routing`.
+        """
+        if self.cache is None:
+            raise RuntimeError("engine is asleep: call wake_up() before generating")
+        routing = RoutingCapture() if (want_routing and self.is_moe) else None
+        n = len(batch)
+        pure_decode = all(k == 1 for _, k in batch) and all(s.num_computed + 1 == len(s) for s, _ in batch)
+        if self.use_cuda_graphs and pure_decode and n <= self.graph_max_bs:
+            logits, routed = self._replay(batch, want_routing and self.is_moe)
+        else:
+            input_ids, positions, md, sample_rows = self._metadata(batch)
+            attn = PagedAttention(self.cache, md, self.use_triton)
+            if self.use_triton and md.decode_rows.numel():
+                attn.num_partitions, attn.part_len = self._partitions(md.decode_rows.numel(), max(md.context_lens_cpu))
+            hidden = self.model(input_ids, positions, attn, routing)
+            logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else None
+            routed = routing.stacked().cpu() if routing is not None else None
+        if logits is None or sb is None:
+            return [], [], routed
+        tokens, logprobs = sample(logits, sb)
+        return tokens.tolist(), logprobs.tolist(), routed
+
+    # ---- CUDA graphs ---------------------------------------------------------------------------------------
+    def _static_buffers(self) -> dict[str, torch.Tensor]:
+        if getattr(self, "_static", None) is None:
+            m, dev = self.graph_max_bs, self.device
+            self._static = dict(
+                ids=torch.zeros(m, dtype=torch.long, device=dev),
+                pos=torch.zeros(m, dtype=torch.long, device=dev),
+                slots=torch.full((m,), self.cache.scratch_slot, dtype=torch.long, device=dev),
+                ctx=torch.zeros(m, dtype=torch.int32, device=dev),
+                bt=torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+                rows=torch.arange(m, dtype=torch.int32, device=dev),
+                ones=torch.ones(m, dtype=torch.int32, device=dev),
+            )
+        return self._static
+
+    def _graph_attn(self, b: int) -> PagedAttention:
+        s = self._static_buffers()
+        md = AttnMetadata(s["slots"][:b], s["bt"][:b], s["ctx"][:b], s["rows"][:b], s["ones"][:b], [1] * b,
+                          [1] * b, decode_rows=s["rows"][:b], decode_seqs=s["rows"][:b],
+                          prefill_tiles=torch.zeros(0, 2, dtype=torch.int32, device=self.device))
+        p, plen = self._partitions(b, self.max_model_len)
+        return PagedAttention(self.cache, md, True, p, plen)
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Capture one decode graph per bucket (largest first, sharing one memory pool)."""
+        if not self.use_cuda_graphs or self.graphs:
+            return
+        s = self._static_buffers()
+        pool = None
+        for b in reversed(graph_buckets(self.graph_max_bs)):
+            attn = self._graph_attn(b)
+            routing = RoutingCapture() if self.is_moe else None
+            for _ in range(2):  # warm up: Triton compilation, cuBLAS workspaces
+                self.model.compute_logits(self.model(s["ids"][:b], s["pos"][:b], attn, routing))
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                logits = self.model.compute_logits(self.model(s["ids"][:b], s["pos"][:b], attn, routing))
+            pool = g.pool()
+            self.graphs[b] = (g, logits, routing)
+        torch.cuda.synchronize()
+
+    def _replay(self, batch: ScheduledBatch, want_routing: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.graphs:
+            self.capture_graphs()
+        n, bs = len(batch), self.block_size
+        b = next(k for k in sorted(self.graphs) if k >= n)
+        s = self._static_buffers()
+        ids, pos, slots, ctx = [], [], [], []
+        width = max(len(seq.block_table) for seq, _ in batch)
+        rows = []
+        for seq, _ in batch:
+            p = len(seq) - 1
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            ctx.append(p + 1)
+            rows.append(seq.block_table + [0] * (width - len(seq.block_table)))
+        pad = b - n
+        bt = torch.tensor(rows + [[0] * width] * pad, dtype=torch.int32)
+        s["ids"][:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        s["pos"][:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
+        s["slots"][:b].copy_(torch.tensor(slots + [self.cache.scratch_slot] * pad), non_blocking=True)
+        s["ctx"][:b].copy_(torch.tensor(ctx + [0] * pad, dtype=torch.int32), non_blocking=True)
+        s["bt"][:b, :width].copy_(bt, non_blocking=True)
+        g, logits, routing = self.graphs[b]
+        g.replay()
+        self.num_graph_replays += 1
+        routed = routing.stacked()[:n].cpu() if (want_routing and routing is not None) else None
+        return logits[:n], routed
