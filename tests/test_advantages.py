@@ -98,12 +98,12 @@ def test_micro_batches_token_budget():
 def test_plan_step_same_microbatch_count_on_all_ranks():
     lengths = [10, 10, 10, 3, 3, 3]  # rank with the 3 long ones needs more micro-batches -> padding
     plans = [plan_step(list(range(6)), lengths, r, 2, 1, max_tokens=10) for r in range(2)]
-    assert len(plans[0].micro_batches) == len(plans[1].micro_batches) == 2
-    assert sorted(i for p in plans for mb in p.micro_batches for i in mb) == list(range(6))
+    assert len(plans[0]) == len(plans[1]) == 2
+    assert sorted(i for p in plans for mb in p for i in mb) == list(range(6))
     lengths = [5, 3, 3, 3, 3, 3]
     plans = [plan_step(list(range(6)), lengths, r, 2, 1, max_tokens=10) for r in range(2)]
-    assert len(plans[0].micro_batches) == len(plans[1].micro_batches)
-    assert sorted(i for p in plans for mb in p.micro_batches for i in mb) == list(range(6))
+    assert len(plans[0]) == len(plans[1])
+    assert sorted(i for p in plans for mb in p for i in mb) == list(range(6))
 
 
 def test_pack_layout():

@@ -80,35 +80,45 @@ def masked_whiten(values: list[Tensor], masks: list[Tensor], all_reduce: Callabl
     return [((v.to(torch.float64) - mean) * scale).to(torch.float32) * (m > 0) for v, m in zip(values, masks)]
 
 
-def compute_advantages(cfg: AlgoConfig, rewards: Sequence[float], groups: Sequence[int], masks: list[Tensor],
-                       kl: list[Tensor] | None = None,
-                       all_reduce: Callable[[Tensor], None] | None = None) -> list[Tensor]:
-    """Per-token advantages (fp32, one tensor per sample, length = response length) for cfg.advantage_estimator.
+def scalar_rewards(cfg: AlgoConfig, rewards: Sequence[float], groups: Sequence[int]) -> Tensor:
+    """Per-sample rewards after the estimator's group normalisation (needs every sample of each group)."""
+    r = torch.tensor([float(x) for x in rewards], dtype=torch.float32)
+    if not cfg.rewards_normalization or cfg.advantage_estimator == "reinforce_plus_plus":
+        return r
+    std = cfg.grpo_std_normalization and cfg.advantage_estimator in ("grpo", "gspo")
+    return group_normalize(r, groups, std)
 
-    `kl` (per-token log pi_old - log pi_ref) is used by the REINFORCE++ estimators when cfg.kl_coef != 0.
-    With `all_reduce`, `rewards/groups/masks` are this rank's samples but the group statistics must
-    be complete: pass every sample of a group to the same call (Miles' trainer passes all samples).
+
+def token_advantages(cfg: AlgoConfig, rewards: Tensor, masks: list[Tensor], kl: list[Tensor] | None = None,
+                     all_reduce: Callable[[Tensor], None] | None = None) -> list[Tensor]:
+    """Per-token advantages from `scalar_rewards` output for any subset of samples (e.g. one rank's).
+
+    `kl` (per-token log pi_old - log pi_ref) enters the REINFORCE++ estimators when cfg.kl_coef != 0;
+    whitening statistics are summed over ranks with `all_reduce`.
     """
     est = cfg.advantage_estimator
-    r = torch.tensor(list(rewards), dtype=torch.float32)
-    if est in ("grpo", "gspo"):
-        if cfg.rewards_normalization:
-            r = group_normalize(r, groups, cfg.grpo_std_normalization)
-        advs = [torch.full((m.numel(),), float(ri)) * m for ri, m in zip(r, masks)]
-    elif est == "reinforce_plus_plus_baseline":
-        if cfg.rewards_normalization:
-            r = group_normalize(r, groups, std_normalization=False)
-        advs = []
-        for i, (ri, m) in enumerate(zip(r, masks)):
-            a = torch.full((m.numel(),), float(ri))
-            if kl is not None and cfg.kl_coef != 0:
+    use_kl = kl is not None and cfg.kl_coef != 0
+    advs = []
+    for i, (ri, m) in enumerate(zip(rewards.tolist(), masks)):
+        if est in ("grpo", "gspo"):
+            a = torch.full((m.numel(),), ri) * m
+        elif est == "reinforce_plus_plus_baseline":
+            a = torch.full((m.numel(),), ri)
+            if use_kl:
                 a = a - cfg.kl_coef * kl[i].to(torch.float32)
-            advs.append(a * m)
-    elif est == "reinforce_plus_plus":
-        advs = [reinforce_plus_plus_returns(float(ri), None if kl is None else kl[i], m, cfg.kl_coef, cfg.gamma)
-                for i, (ri, m) in enumerate(zip(r, masks))]
-    else:
-        raise ValueError(f"--advantage-estimator {est!r} is not supported")
+            a = a * m
+        elif est == "reinforce_plus_plus":
+            a = reinforce_plus_plus_returns(ri, kl[i] if use_kl else None, m, cfg.kl_coef, cfg.gamma)
+        else:
+            raise ValueError(f"--advantage-estimator {est!r} is not supported")
+        advs.append(a)
     if cfg.normalize_advantages:
         advs = masked_whiten(advs, masks, all_reduce)
     return advs
+
+
+def compute_advantages(cfg: AlgoConfig, rewards: Sequence[float], groups: Sequence[int], masks: list[Tensor],
+                       kl: list[Tensor] | None = None,
+                       all_reduce: Callable[[Tensor], None] | None = None) -> list[Tensor]:
+    """Per-token advantages (fp32, one tensor per sample, length = response length) for all given samples."""
+    return token_advantages(cfg, scalar_rewards(cfg, rewards, groups), masks, kl, all_reduce)

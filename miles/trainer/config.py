@@ -124,8 +124,8 @@ class TrainerConfig:
     max_tokens_per_gpu: int | None = _f(None, "Token budget of one packed micro-batch.")
     log_probs_max_tokens_per_gpu: int | None = _f(None, "Token budget of the no-grad log-prob forward.")
     log_probs_chunk_size: int = _f(1024, "Tokens per chunk of the fp32 log-softmax (memory bound).")
-    temperature: float = _f(1.0, "Sampling temperature of the rollout: log-probs are log_softmax(logits / T).",
-                            flag="--rollout-temperature")
+    rollout_temperature: float = _f(1.0, "Sampling temperature of the rollout: trainer log-probs are "
+                                    "log_softmax(logits / T) (shared with the rollout group).")
     gradient_checkpointing: bool = _f(False, "Recompute decoder layers in backward (activation checkpointing).")
     bf16: bool = _f(True, "bf16 compute with fp32 master weights and fp32 gradient reduction (GPU only).")
     optimizer_cpu_offload: bool = _f(False, "Keep parameter/gradient/optimizer-state shards on CPU (FSDP2 "
@@ -145,7 +145,7 @@ class TrainerConfig:
             raise ConfigError("--use-dynamic-batch-size requires --max-tokens-per-gpu")
         if self.micro_batch_size < 1:
             raise ConfigError("--micro-batch-size must be >= 1")
-        if self.temperature <= 0:
+        if self.rollout_temperature <= 0:
             raise ConfigError("--rollout-temperature must be > 0")
         if self.rollout_batch_size is not None:
             total = self.rollout_batch_size * self.n_samples_per_prompt

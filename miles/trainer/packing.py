@@ -97,28 +97,34 @@ def micro_batches(lengths: Sequence[int], micro_batch_size: int, max_tokens: int
         k += 1
 
 
-@dataclass
-class Plan:
-    """What one rank trains in one optimizer step: micro-batches of global sample indices."""
+def rank_partition(step_indices: Sequence[int], lengths: Sequence[int], world_size: int,
+                   equal_count: bool) -> list[list[int]]:
+    """A step's global sample indices split over DP ranks, balanced by token count (Karmarkar-Karp).
 
-    micro_batches: list[list[int]]  # global sample indices; may contain empty lists (padding)
+    equal_count: also give every rank the same number of samples (fixed --micro-batch-size mode).
+    """
+    step_lengths = [lengths[i] for i in step_indices]
+    equal = equal_count and len(step_indices) % world_size == 0
+    parts = balanced_partition(step_lengths, world_size, equal_size=equal)
+    return [[step_indices[i] for i in part] for part in parts]
+
+
+def rank_micro_batches(parts: list[list[int]], lengths: Sequence[int], micro_batch_size: int,
+                       max_tokens: int | None) -> list[list[list[int]]]:
+    """Every rank's micro-batches (global indices), padded with empty ones to the same count (>= 1)."""
+    per_rank = []
+    for part in parts:
+        mbs = micro_batches([lengths[i] for i in part], micro_batch_size, max_tokens)
+        per_rank.append([[part[i] for i in mb] for mb in mbs])
+    n_mb = max(1, max(len(m) for m in per_rank))
+    return [m + [[] for _ in range(n_mb - len(m))] for m in per_rank]
 
 
 def plan_step(step_indices: Sequence[int], lengths: Sequence[int], rank: int, world_size: int,
-              micro_batch_size: int, max_tokens: int | None) -> Plan:
+              micro_batch_size: int, max_tokens: int | None) -> list[list[int]]:
     """This rank's micro-batches of one optimizer step (same number of micro-batches on every rank)."""
-    step_lengths = [lengths[i] for i in step_indices]
-    if max_tokens is None and len(step_indices) % world_size == 0:
-        parts = balanced_partition(step_lengths, world_size, equal_size=True)
-    else:
-        parts = balanced_partition(step_lengths, world_size)
-    per_rank = []
-    for part in parts:
-        mbs = micro_batches([step_lengths[i] for i in part], micro_batch_size, max_tokens)
-        per_rank.append([[step_indices[part[i]] for i in mb] for mb in mbs])
-    n_mb = max(1, max(len(m) for m in per_rank))
-    mine = per_rank[rank]
-    return Plan(mine + [[] for _ in range(n_mb - len(mine))])
+    parts = rank_partition(step_indices, lengths, world_size, equal_count=max_tokens is None)
+    return rank_micro_batches(parts, lengths, micro_batch_size, max_tokens)[rank]
 
 
 @dataclass
@@ -138,9 +144,10 @@ class Packed:
     max_seqlen: int
 
     def to(self, device: torch.device | str) -> Packed:
-        return Packed(*(getattr(self, f).to(device) for f in
-                        ("input_ids", "positions", "cu_seqlens", "pred_index", "targets", "segments")),
-                      self.max_seqlen)
+        """Move the token tensors; cu_seqlens stays on CPU (attention reads it as Python ints)."""
+        mv = {f: getattr(self, f).to(device, non_blocking=True)
+              for f in ("input_ids", "positions", "pred_index", "targets", "segments")}
+        return Packed(cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen, **mv)
 
 
 def pack(tokens: Sequence[Sequence[int]], response_lengths: Sequence[int]) -> Packed:
