@@ -22,8 +22,8 @@ def _chunk_stats(h: torch.Tensor, w: torch.Tensor, tgt: torch.Tensor, temperatur
     logp = z.gather(1, tgt[:, None]).squeeze(1) - lse
     ent = None
     if with_entropy:
-        p = torch.exp(z - lse[:, None])
-        ent = lse - (p * z).sum(-1)
+        logp_all = z - lse[:, None]
+        ent = -(logp_all.exp() * logp_all).sum(-1)
     return z, lse, logp, ent
 
 
