@@ -134,9 +134,13 @@ async def generate_one(state: _State, sample: Sample) -> Sample | list[Sample]:
         for s in out:
             if s.rollout_id is None:
                 s.rollout_id = sample.rollout_id if sample.rollout_id is not None else sample.index
-        await score_samples(args, out, state.rewards)
+        if getattr(args, "group_rm", False):
+            await score_group(args, out, state.rewards)
+        else:
+            await score_samples(args, out, state.rewards)
         return out
-    await score_sample(args, out, state.rewards)  # skips ABORTED samples
+    if not getattr(args, "group_rm", False):
+        await score_sample(args, out, state.rewards)  # skips ABORTED samples
     return out
 
 
@@ -147,7 +151,7 @@ async def generate_group(state: _State, group: list[Sample]) -> list:
     """
     results = await asyncio.gather(*(generate_one(state, s) for s in group))
     group[:] = results
-    if getattr(state.args, "group_rm", False) and not state.evaluation:
+    if getattr(state.args, "group_rm", False):
         samples = flatten(group)
         if not any(s.status == Sample.Status.ABORTED for s in samples):
             await score_group(state.args, samples, state.rewards)

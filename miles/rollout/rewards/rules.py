@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 import threading
@@ -27,8 +28,10 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _timeouts() -> dict:
-    # math-verify's own timeouts use SIGALRM, which only works in the main thread.
+def _timeouts() -> tuple[dict, dict]:
+    # math-verify's own timeouts use SIGALRM, which only works in the main thread; elsewhere the reward
+    # executor's --rm-timeout bounds the call, so silence math-verify's warning about it.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     main = threading.current_thread() is threading.main_thread()
     return {"parsing_timeout": 5 if main else None}, {"timeout_seconds": 5 if main else None}
 
