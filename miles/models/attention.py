@@ -8,6 +8,7 @@ engine plugs its paged-KV backend in through this interface (it sees ``layer_idx
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -62,11 +63,20 @@ class VarlenAttention:
         use = self.use_varlen_kernel
         if use is None:
             use = _VARLEN is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        if use:
+        if use and _VARLEN is not None:
             cu = self.cu_seqlens.to(q.device, non_blocking=True)
             gqa = k.shape[1] != q.shape[1]
-            return _VARLEN(q, k, v, cu, cu, self.max_seqlen, self.max_seqlen, window_size=(-1, 0), enable_gqa=gqa)
+            try:
+                return _VARLEN(q, k, v, cu, cu, self.max_seqlen, self.max_seqlen, window_size=(-1, 0), enable_gqa=gqa)
+            except RuntimeError as e:  # e.g. unsupported head_dim / GPU: fall back for the rest of the run
+                _disable_varlen(e)
         return _sdpa_per_sequence(q, k, v, self.bounds)
+
+
+def _disable_varlen(err: Exception) -> None:
+    global _VARLEN
+    warnings.warn(f"varlen flash attention unavailable ({err}); using per-sequence SDPA", stacklevel=3)
+    _VARLEN = None
 
 
 def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> torch.Tensor:
