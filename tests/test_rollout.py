@@ -266,3 +266,39 @@ def test_rollout_function_return_wrapping(tmp_path, tok_dir):
     assert isinstance(out, RolloutFnTrainOutput) and len(out.samples[0]) == 2
     ev = call_rollout_function(f"{__name__}.bare_list_rollout", args, 0, src, evaluation=True)
     assert isinstance(ev, RolloutFnEvalOutput) and ev.data["x"]["rewards"] == [1.0]
+
+
+def drop_everything(args, samples, **kwargs):
+    from miles.rollout.filters import DynamicFilterOutput
+
+    return DynamicFilterOutput(keep=False, reason="nope")
+
+
+def test_filter_that_drops_everything_fails_clearly(tmp_path, tok, tok_dir, monkeypatch):
+    import miles.rollout.rollout as rollout_mod
+
+    monkeypatch.setattr(rollout_mod, "MAX_OVERSAMPLING", 3)
+    with server_for(tok, Script(tok)) as server:
+        args = rollout_args(write_prompts(tmp_path / "p.jsonl", [1, 2]), server, tok_dir, rollout_batch_size=1,
+                            over_sampling_batch_size=1, dynamic_sampling_filter_path=f"{__name__}.drop_everything")
+        with pytest.raises(RuntimeError, match=r"sampled 3 groups but only 0 of 1 passed.*'nope': 3"):
+            generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
+
+
+def test_mask_offpolicy_in_partial_rollout(tok, tok_dir):
+    script = Script(tok)
+    with server_for(tok, script) as server:
+        args = default_args(router_url=server.url, hf_checkpoint=tok_dir, mask_offpolicy_in_partial_rollout=True)
+        part = Sample(prompt=prompt_of(7), tokens=script.ids(prompt_of(7)))
+        part.append_response_tokens(script.answer(7, True)[:2], [-0.5, -0.5])
+        part.status = Sample.Status.ABORTED
+
+        async def main():
+            try:
+                return await generate(args, part, {"max_new_tokens": 20})
+            finally:
+                await close_client()
+
+        s = asyncio.run(main())
+        assert s.loss_mask[:2] == [0, 0] and set(s.loss_mask[2:]) == {1}
+        assert len(s.loss_mask) == s.response_length

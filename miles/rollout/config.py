@@ -78,6 +78,7 @@ class RewardConfig:
     rm_timeout: float = _f(60.0, "Per-sample (per-group with --group-rm) reward timeout in seconds.")
     rm_default_reward: float = _f(0.0, "Reward given when the reward function raises or times out.")
     rm_max_retries: int = _f(10, "Retries of the remote reward call.")
+    rm_retry_backoff: float = _f(0.5, "First backoff (seconds, doubling, max 10) between remote reward retries.")
 
 
 @dataclass

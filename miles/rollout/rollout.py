@@ -32,6 +32,8 @@ from miles.rollout.sample import Sample
 
 logger = logging.getLogger(__name__)
 
+MAX_OVERSAMPLING = 64  # give up after sampling this many times --rollout-batch-size groups
+
 
 @dataclass
 class RolloutFnTrainOutput:
@@ -195,12 +197,21 @@ async def train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollout
     try:
         while len(kept) < target:
             if len(kept) + len(pending) < target:
-                for group in data_source.get_samples(chunk):
+                if num_groups >= MAX_OVERSAMPLING * target:
+                    raise RuntimeError(
+                        f"rollout {rollout_id}: sampled {num_groups} groups but only {len(kept)} of {target} passed "
+                        f"--dynamic-sampling-filter-path ({dict(drops)}); is the filter dropping everything?"
+                    )
+                new_groups = data_source.get_samples(chunk)
+                if not new_groups and not pending:
+                    raise RuntimeError(f"rollout {rollout_id}: the data source returned no samples")
+                for group in new_groups:
                     task = asyncio.create_task(generate_group(state, group))
                     groups_of[task] = group
                     pending.add(task)
                     num_groups += 1
-                continue
+                if new_groups:
+                    continue
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in sorted(done, key=lambda t: _first_index(groups_of[t])):
                 group = task.result()
