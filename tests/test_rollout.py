@@ -302,3 +302,22 @@ def test_mask_offpolicy_in_partial_rollout(tok, tok_dir):
         s = asyncio.run(main())
         assert s.loss_mask[:2] == [0, 0] and set(s.loss_mask[2:]) == {1}
         assert len(s.loss_mask) == s.response_length
+
+
+def test_routed_experts_for_r3(tok, tok_dir):
+    import numpy as np
+
+    with server_for(tok, Script(tok)) as server:
+        args = default_args(router_url=server.url, hf_checkpoint=tok_dir, use_rollout_routing_replay=True)
+
+        async def main():
+            try:
+                return await generate(args, Sample(prompt=prompt_of(2)), {"max_new_tokens": 20})
+            finally:
+                await close_client()
+
+        s = asyncio.run(main())
+        assert server.requests[0]["return_routed_experts"] is True
+        rows = len(s.tokens) - 1
+        assert s.rollout_routed_experts.shape == (rows, 4)
+        assert np.array_equal(s.rollout_routed_experts.reshape(-1), np.arange(rows * 4) % 8)

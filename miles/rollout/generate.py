@@ -71,6 +71,8 @@ def parse_generate_output(output: dict) -> tuple[list[int], list[float], str, di
 async def call_generate(args: Any, input_ids: list[int], sampling_params: dict, headers: Any = None) -> dict:
     """One `/generate` request with log-probs; returns the reply object."""
     payload = {"input_ids": list(input_ids), "sampling_params": sampling_params, "return_logprob": True}
+    if getattr(args, "use_rollout_routing_replay", False):
+        payload["return_routed_experts"] = True
     return await post_json(
         router_url(args) + "/generate",
         payload,
@@ -105,9 +107,28 @@ async def generate(args: Any, sample: Sample, sampling_params: dict) -> Sample:
     output = await call_generate(args, sample.tokens, params)
     ids, logprobs, text, meta = parse_generate_output(output)
     sample.append_response_tokens(ids, logprobs, trainable=True, text=text, meta_info=meta)
+    set_routed_experts(sample, meta)
     if not meta.get("finish_reason"):
         sample.status = Sample.Status.COMPLETED
     return sample
+
+
+def set_routed_experts(sample: Sample, meta: dict) -> None:
+    """R3: decode `meta_info.routed_experts` (base64 int32) into `sample.rollout_routed_experts`.
+
+    Shape `[len(tokens) - 1, num_layers * topk]` (one row per forwarded position; the trainer splits the
+    second axis by its top-k). Each reply covers the whole sequence so far, so it replaces earlier turns'.
+    """
+    encoded = meta.get("routed_experts")
+    if not encoded:
+        return
+    import base64
+
+    import numpy as np
+
+    flat = np.frombuffer(base64.b64decode(encoded), dtype="<i4")
+    rows = len(sample.tokens) - 1
+    sample.rollout_routed_experts = flat.reshape(rows, -1) if rows > 0 and flat.size % rows == 0 else flat
 
 
 async def abort_all(args: Any) -> None:

@@ -33,6 +33,16 @@ def scripted_logprob(token_id: int, position: int) -> float:
     return -0.01 * ((token_id * 7 + position) % 50 + 1)
 
 
+def scripted_routed_experts(num_positions: int, layers: int = 2, topk: int = 2) -> str:
+    """SGLang's encoding (base64 little-endian int32 [positions, layers, topk]) of a fixed pattern."""
+    import base64
+
+    import numpy as np
+
+    arr = (np.arange(num_positions * layers * topk, dtype="<i4") % 8).reshape(num_positions, layers, topk)
+    return base64.b64encode(arr.tobytes()).decode()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,6 +96,8 @@ class ScriptedServer:
             "weight_version": self.weight_version,
             "output_token_logprobs": [[scripted_logprob(t, len(ids) + i), t, None] for i, t in enumerate(out)],
         }
+        if body.get("return_routed_experts"):
+            meta["routed_experts"] = scripted_routed_experts(len(ids) + len(out) - 1)
         return web.json_response({"text": self.decode(out), "output_ids": out, "meta_info": meta})
 
     async def _abort_request(self, request: web.Request) -> web.Response:
