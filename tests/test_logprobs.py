@@ -71,3 +71,18 @@ def test_bad_inputs():
         token_logprobs(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), temperature=0)
+
+
+def test_bf16_gradients_match_autograd():
+    torch.manual_seed(3)
+    h = torch.randn(24, 32).bfloat16().requires_grad_()
+    w = (torch.randn(80, 32) * 0.3).bfloat16().requires_grad_()
+    t = torch.randint(0, 80, (24,))
+    logp, _ = token_logprobs(h, w, t, chunk_size=5)
+    logp.sum().backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.log_softmax((h2 @ w2.T).float(), -1).gather(1, t[:, None]).squeeze(1)
+    ref.sum().backward()
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(h.grad.float(), h2.grad.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(w.grad.float(), w2.grad.float(), atol=2e-2, rtol=2e-2)

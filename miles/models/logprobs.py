@@ -70,10 +70,11 @@ class _ChunkedLogprob(torch.autograd.Function):
                 gz -= g_ent[s:e, None].float() * p * (z - lse[s:e, None] + ent[s:e, None])
             if t != 1.0:
                 gz = gz / t
+            gz = gz.to(weight.dtype)  # like autograd through `F.linear(h, w).float()`: matmuls in the model dtype
             if need_h:
-                g_h[s:e] = (gz @ weight.float()).to(hidden.dtype)
+                g_h[s:e] = (gz @ weight).to(hidden.dtype)
             if need_w:
-                g_w += gz.t() @ h.float()
+                g_w += (gz.t() @ h.to(weight.dtype)).float()
         return g_h, (g_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
