@@ -205,19 +205,35 @@ class AsyncEngine:
 
         await self.call(_wake)
 
-    async def update_weights_from_disk(self, path: str, abort_all: bool = False) -> Any:
-        """Load an HF checkpoint directory between steps; returns the new weight version."""
+    async def update_weights_from_disk(self, path: str, version: int | None = None, abort_all: bool = False) -> Any:
+        """Load an HF checkpoint directory between steps; returns the new weight version (None: bumped)."""
 
         def _update(e: Any) -> Any:
             if abort_all:
                 self._abort_all("aborted for weight update")
-            e.update_weights_from_disk(path)
-            return e.weight_version
+            if version is None:
+                return e.update_weights_from_disk(path)
+            return e.update_weights_from_disk(path, version)
 
         return await self.call(_update)
 
-    def stats(self) -> dict[str, Any]:
-        """Server-side step statistics (requests progressed per step) plus the engine's own `stats`."""
+    def update_weights(self, items: Any, version: int | None = None, timeout: float | None = None) -> Any:
+        """Blocking: copy a bucket of HF-named tensors into the engine between steps (in-process weight sync)."""
+        return self.call_sync(lambda e: e.update_weights(items, version), timeout)
+
+    async def stats(self) -> dict[str, Any]:
+        """Server-side step statistics plus the engine's own `stats` (read on the engine thread)."""
+        out = self.local_stats()
+
+        def _engine_stats(e: Any) -> Any:
+            st = getattr(e, "stats", None)
+            return st.as_dict(e) if hasattr(st, "as_dict") else jsonable(st)
+
+        out["engine"] = jsonable(await self.call(_engine_stats, timeout=30))
+        return out
+
+    def local_stats(self) -> dict[str, Any]:
+        """Requests progressed per `step()` as seen by this wrapper (no engine access)."""
         sizes = self.batch_sizes
         steps = sum(sizes.values())
         out: dict[str, Any] = {
@@ -230,7 +246,6 @@ class AsyncEngine:
             "mean_batch_size": (sum(k * v for k, v in sizes.items()) / steps) if steps else 0.0,
             "batch_size_histogram": {str(k): v for k, v in sorted(sizes.items())},
         }
-        out["engine"] = jsonable(getattr(self.engine, "stats", None))
         return out
 
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -320,7 +320,7 @@ def build_app(engine: AsyncEngine, cfg: ServerConfig) -> FastAPI:
     @app.get("/get_server_info")
     @app.get("/server_info")
     async def get_server_info() -> dict:
-        stats = engine.stats()
+        stats = await engine.stats()
         return {
             **model_info(),
             "version": "miles",
@@ -333,7 +333,7 @@ def build_app(engine: AsyncEngine, cfg: ServerConfig) -> FastAPI:
 
     @app.get("/stats")
     async def stats() -> dict:
-        return engine.stats()
+        return await engine.stats()
 
     @app.get("/get_weight_version")
     async def get_weight_version() -> dict:
@@ -356,15 +356,17 @@ def build_app(engine: AsyncEngine, cfg: ServerConfig) -> FastAPI:
     async def update_weights_from_disk(request: Request) -> JSONResponse:
         req = parse_body(UpdateWeightsFromDiskRequest, await request.body())
         n_inflight = engine.num_inflight
+        label = None if req.weight_version is None else str(req.weight_version)
+        version = int(label) if label is not None and label.lstrip("-").isdigit() else None
         try:
-            await engine.update_weights_from_disk(req.model_path, abort_all=req.abort_all_requests)
+            await engine.update_weights_from_disk(req.model_path, version, abort_all=req.abort_all_requests)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             if isinstance(e, EngineError):
                 raise
             msg = f"failed to update weights from {req.model_path!r}: {type(e).__name__}: {e}"
             return JSONResponse({"success": False, "message": msg, "num_paused_requests": 0}, status_code=400)
-        if req.weight_version is not None:
-            state.set_version_label(req.weight_version)
+        if label is not None and version is None:
+            state.set_version_label(label)
         return JSONResponse({"success": True, "message": f"Succeeded to update model weights from {req.model_path}.",
                              "num_paused_requests": n_inflight, "weight_version": state.version_label()})
 
@@ -392,10 +394,9 @@ def build_app(engine: AsyncEngine, cfg: ServerConfig) -> FastAPI:
     async def flush_cache() -> Response:
         if engine.num_inflight:
             return PlainTextResponse("Cache not flushed: requests are running or waiting.", status_code=400)
-        for name in ("flush_cache", "reset_prefix_cache"):
-            if hasattr(engine.engine, name):
-                await engine.call(lambda e, name=name: getattr(e, name)())
-                break
+        flush = getattr(engine.engine, "flush_cache", None)
+        if flush is not None and await engine.call(lambda e: e.flush_cache()) is False:
+            return PlainTextResponse("Cache not flushed: requests are running or waiting.", status_code=400)
         return PlainTextResponse("Cache flushed.")
 
     register_openai_routes(app, state)

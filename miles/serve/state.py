@@ -52,20 +52,18 @@ def new_rid() -> str:
 
 
 def engine_context_len(engine: Any) -> int:
-    """The longest prompt + output the engine accepts (engine config, else the model's position limit)."""
-    for owner in (getattr(engine, "config", None), engine):
-        for name in ("max_model_len", "max_seq_len", "context_len", "max_context_len"):
-            v = getattr(owner, name, None)
-            if isinstance(v, int) and v > 0:
-                return v
-    mc = getattr(engine, "model_config", None)
-    v = getattr(mc, "max_position_embeddings", None)
+    """The longest prompt + output the engine accepts (`engine.max_model_len`, else config / model limits)."""
+    for owner in (engine, getattr(engine, "config", None)):
+        v = getattr(owner, "max_model_len", None)
+        if isinstance(v, int) and v > 0:
+            return v
+    v = getattr(getattr(getattr(engine, "model", None), "config", None), "max_position_embeddings", None)
     return int(v) if v else 4096
 
 
 def engine_vocab_size(engine: Any) -> int:
-    mc = getattr(engine, "model_config", None)
-    v = getattr(mc, "vocab_size", None)
+    """Valid token ids are [0, vocab): the model's embedding size (may exceed the tokenizer's length)."""
+    v = getattr(getattr(getattr(engine, "model", None), "config", None), "vocab_size", None)
     return int(v) if v else len(engine.tokenizer)
 
 
