@@ -86,3 +86,20 @@ def test_bf16_gradients_match_autograd():
     assert h.grad.dtype == w.grad.dtype == torch.bfloat16
     torch.testing.assert_close(h.grad.float(), h2.grad.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(w.grad.float(), w2.grad.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_never_more_than_chunk_rows_of_logits(monkeypatch):
+    import miles.models.logprobs as lp
+
+    rows = []
+    real = lp.F.linear
+
+    def spy(x, w, *a):
+        rows.append(x.shape[0])
+        return real(x, w, *a)
+
+    monkeypatch.setattr(lp.F, "linear", spy)
+    h = torch.randn(100, 8, requires_grad=True)
+    logp, ent = token_logprobs(h, torch.randn(50, 8), torch.randint(0, 50, (100,)), chunk_size=16, with_entropy=True)
+    (logp.sum() + ent.sum()).backward()
+    assert len(rows) == 14 and max(rows) == 16  # 7 chunks forward + 7 recomputed in backward

@@ -186,3 +186,20 @@ def test_random_init_model_and_bad_forward_inputs():
         model(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]), VarlenAttention([0, 4]))
     with pytest.raises(ValueError, match="non-decreasing"):
         VarlenAttention([0, 3, 2])
+
+
+def test_legacy_rope_config_fields_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from miles.models.layers import rope_inv_freq
+
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    legacy = dict(model_type="llama", vocab_size=10, hidden_size=256, intermediate_size=8, num_hidden_layers=1,
+                  num_attention_heads=2, rope_theta=500000.0, rope_scaling=scaling)
+    cfg = ModelConfig.from_hf(legacy)
+    assert cfg.head_dim == 128 and cfg.num_key_value_heads == 2 and cfg.rope_theta == 500000.0
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**{k: v for k, v in legacy.items() if k != "model_type"}))
+    assert torch.equal(rope_inv_freq(cfg), want)
+    assert not torch.equal(rope_inv_freq(ModelConfig.from_hf({**legacy, "rope_scaling": None})), want)
