@@ -203,3 +203,30 @@ def test_legacy_rope_config_fields_match_transformers():
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**{k: v for k, v in legacy.items() if k != "model_type"}))
     assert torch.equal(rope_inv_freq(cfg), want)
     assert not torch.equal(rope_inv_freq(ModelConfig.from_hf({**legacy, "rope_scaling": None})), want)
+
+
+def test_expert_parallel_names_and_loading(ckpts):
+    from miles.models import Experts, hf_items, load_hf_items
+
+    full = load_model(ckpts["qwen3_moe"])
+    part = load_model(ckpts["qwen3_moe"])
+    for layer in part.model.layers:
+        layer.mlp.experts = Experts(8, 64, 32, expert_start=4, num_local_experts=4)
+    names = {n for n, _ in hf_items(part) if ".experts." in n}
+    assert names == {f"model.layers.{i}.mlp.experts.{e}.{k}.weight" for i in range(2) for e in range(4, 8)
+                     for k in ("gate_proj", "up_proj", "down_proj")}
+    load_hf_items(part, hf_items(full), strict=True)  # other ranks' experts are skipped, ours all filled
+    for a, b in zip(full.model.layers, part.model.layers):
+        assert torch.equal(a.mlp.experts.gate_up_proj[4:], b.mlp.experts.gate_up_proj)
+        assert torch.equal(a.mlp.experts.down_proj[4:], b.mlp.experts.down_proj)
+
+
+def test_shared_experts_hook():
+    from miles.models import Experts, Router, SparseMoeBlock
+    from miles.models.layers import MLP
+
+    torch.manual_seed(0)
+    block = SparseMoeBlock(Router(16, 4, 2, True), Experts(4, 16, 8), shared_experts=MLP(16, 8))
+    x = torch.randn(6, 16)
+    ids, w = block.gate(x)
+    torch.testing.assert_close(block(x, 0), block.experts(x, ids, w) + block.shared_experts(x))
