@@ -37,6 +37,7 @@ class EngineStats:
     num_finished: int = 0
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=10000))
     busy_time_s: float = 0.0
+    trace: list | None = None  # set to [] to record (seconds, num_seqs, num_tokens, decode_only, kv_tokens) per step
 
     def as_dict(self, engine: LLMEngine) -> dict:
         bm = engine.block_manager
@@ -180,10 +181,10 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         if self.paused or self.asleep:
             return outputs
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        t0 = time.perf_counter()
         samplers = [s for s, n in batch if s.num_computed + n == len(s)]
         sb = self._sampling_batch(samplers) if samplers else None
         want_routing = any(s.params.return_routed_experts for s, _ in batch)
@@ -207,7 +208,12 @@ class LLMEngine:
             self._append(seq, tok, lp)
             outputs.append(self._output(seq))
         st.num_generated_tokens += len(tokens)
-        st.busy_time_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        st.busy_time_s += dt
+        if st.trace is not None:
+            decode_only = all(n == 1 for _, n in batch) and len(samplers) == len(batch)
+            kv = sum(s.num_computed for s, _ in batch)
+            st.trace.append((dt, len(batch), sum(n for _, n in batch), decode_only, kv))
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:

@@ -42,7 +42,9 @@ class ModelRunner:
         self.num_blocks, self.block_size, self.max_model_len = num_blocks, block_size, max_model_len
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self.use_triton = _triton_ok(self.device, self.config.head_dim)
-        self.use_cuda_graphs = use_cuda_graphs and self.use_triton
+        # MoE experts are graph-safe only on the grouped-matmul path (bf16); other dtypes sync on expert counts
+        graph_safe = not self.config.is_moe or self.dtype == torch.bfloat16
+        self.use_cuda_graphs = use_cuda_graphs and self.use_triton and graph_safe
         self.graph_max_bs = min(graph_max_bs, max_num_seqs)
         self.is_moe = self.config.is_moe
         self.cache: KVCache | None = None

@@ -19,7 +19,7 @@ _LOG2E = 1.4426950408889634
 def _decode_kernel(Q, K, V, BT, CL, QROW, SEQ, AccP, MP, LP,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_bt, qk_scale, part_len, H,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAGE: tl.constexpr, NUM_PARTS: tl.constexpr):
+                   PAGE: tl.constexpr, NUM_PARTS: tl.constexpr, PREC: tl.constexpr):
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -43,14 +43,14 @@ def _decode_kernel(Q, K, V, BT, CL, QROW, SEQ, AccP, MP, LP,
         slot = page * PAGE + offs_n % PAGE
         kv_off = slot[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
         k = tl.load(K + kv_off, mask=mask_n[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_off, mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m = m_new
     base = (i * H + heads) * NUM_PARTS + part
     tl.store(MP + base, m, mask=mask_g)
@@ -82,7 +82,7 @@ def _reduce_kernel(AccP, MP, LP, Out, QROW, stride_ot, stride_oh, H,
 def _prefill_kernel(Q, K, V, Out, BT, CL, QS, QL, TILES,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh, qk_scale,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PAGE: tl.constexpr):
+                    PAGE: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // G
@@ -108,14 +108,14 @@ def _prefill_kernel(Q, K, V, Out, BT, CL, QS, QL, TILES,
         slot = page * PAGE + offs_n % PAGE
         kv_off = slot[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
         k = tl.load(K + kv_off, mask=mask_n[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         qk = tl.where((offs_n[None, :] <= qpos[:, None]) & mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_off, mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m = m_new
     l = tl.where(l == 0.0, 1.0, l)
     out = acc / l[:, None]
@@ -141,6 +141,7 @@ def paged_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, md, pag
     G = H // nkv
     out = torch.empty_like(q)
     qk_scale = _LOG2E / math.sqrt(D)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays exact; bf16/fp16 ignore it
     bt = md.block_tables
     if md.decode_rows is not None and md.decode_rows.numel() > 0:
         n = md.decode_rows.numel()
@@ -152,7 +153,7 @@ def paged_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, md, pag
             q, kc, vc, bt, md.context_lens, md.decode_rows, md.decode_seqs, accp, mp, lp,
             q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), bt.stride(0), qk_scale, part_len, H,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=DECODE_BLOCK_N, PAGE=page,
-            NUM_PARTS=P, num_warps=4, num_stages=2,
+            NUM_PARTS=P, PREC=prec, num_warps=4, num_stages=2,
         )
         _reduce_kernel[(n, H)](
             accp, mp, lp, out, md.decode_rows, out.stride(0), out.stride(1), H,
@@ -162,6 +163,6 @@ def paged_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, md, pag
         _prefill_kernel[(md.prefill_tiles.shape[0], H)](
             q, kc, vc, out, bt, md.context_lens, md.query_start, md.query_lens, md.prefill_tiles,
             q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), bt.stride(0), out.stride(0), out.stride(1), qk_scale,
-            G=G, D=D, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=64, PAGE=page, num_warps=4, num_stages=2,
+            G=G, D=D, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=64, PAGE=page, PREC=prec, num_warps=4, num_stages=2,
         )
     return out
