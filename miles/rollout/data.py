@@ -167,6 +167,7 @@ class RolloutDataSource:
         self.tokenizer = tokenizer
         self.path = path
         self.prompts, self.counts = load_prompts(path, args, tokenizer)
+        self.seed = args.rollout_seed
         self.epoch = 0
         self.offset = 0
         self.sample_index = 0
@@ -179,7 +180,7 @@ class RolloutDataSource:
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.prompts)))
         if self.args.rollout_shuffle:
-            random.Random(self.args.rollout_seed + epoch).shuffle(order)
+            random.Random(self.seed + epoch).shuffle(order)
         return order
 
     def _next_prompt(self) -> Sample:
@@ -221,7 +222,7 @@ class RolloutDataSource:
             "offset": self.offset,
             "sample_index": self.sample_index,
             "group_index": self.group_index,
-            "rollout_seed": self.args.rollout_seed,
+            "rollout_seed": self.seed,
             "rollout_shuffle": bool(self.args.rollout_shuffle),
             "num_prompts": len(self.prompts),
         }
@@ -231,6 +232,11 @@ class RolloutDataSource:
             raise ValueError(
                 f"data state was saved for {state['num_prompts']} prompts but {self.path} has {len(self.prompts)}"
             )
+        saved_seed = state.get("rollout_seed", self.seed)
+        if saved_seed != self.seed:
+            logger.warning("data state was saved with --rollout-seed %s (now %s); resuming its order", saved_seed,
+                           self.seed)
+            self.seed = saved_seed
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self.sample_index, self.group_index = int(state["sample_index"]), int(state["group_index"])
         self._order = self._epoch_order(self.epoch)
