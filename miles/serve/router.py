@@ -203,6 +203,7 @@ class Router:
                     continue
                 ctype = resp.headers.get("content-type", "")
                 out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+                out_headers["x-miles-worker"] = w.url
                 if ctype.startswith("text/event-stream"):
                     release = False
                     return StreamingResponse(self._relay(w, resp), status_code=resp.status_code,
@@ -357,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--health-interval", type=float, default=2.0, help="seconds between health-check rounds")
     p.add_argument("--health-failure-threshold", type=int, default=2, help="failed checks before removal")
     p.add_argument("--request-timeout", type=float, default=3600.0, help="read timeout per forwarded request (s)")
+    p.add_argument("--wait-for-worker", type=float, default=10.0,
+                   help="seconds a request waits for a healthy worker before 503")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -364,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_urls=args.worker_urls, api_key=args.api_key, worker_api_key=args.worker_api_key,
         routing_key_header=args.routing_key_header.lower(), health_interval=args.health_interval,
         failure_threshold=args.health_failure_threshold, request_timeout=args.request_timeout,
+        wait_for_worker=args.wait_for_worker,
     )
     import uvicorn
 
