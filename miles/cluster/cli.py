@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miles train: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /generate otherwise
     from miles.cluster.loop import run_training
 
     history = run_training(cfg.args)

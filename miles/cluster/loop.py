@@ -122,6 +122,7 @@ class RLLoop:
         if "rollout/reward_seconds" in metrics:
             metrics["perf/reward_seconds"] = metrics["rollout/reward_seconds"]
         metrics["rollout/num_samples"] = len(samples)
+        metrics["rollout/weight_versions"] = sorted({v for s in samples for v in s.weight_versions}, key=_version_key)
         return samples, metrics
 
     def train(self, rollout_id: int, samples: list) -> dict:
@@ -288,6 +289,10 @@ class RLLoop:
                 with self.progress.phase("weight sync", rollout_id):
                     metrics.update(self.update_weights(rollout_id + 1))
             self.finish_step(rollout_id, metrics, state, t_step)
+
+
+def _version_key(v: str) -> tuple:
+    return (0, int(v), "") if str(v).isdigit() else (1, 0, str(v))
 
 
 def _summary(rollout_id: int, m: dict) -> str:

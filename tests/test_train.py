@@ -1,0 +1,168 @@
+"""`miles train` end to end on CPU with real local Ray, tiny models and real engines/servers.
+
+One `ray.init(num_cpus=2)` for the module; each run places 1 trainer rank + 1 engine (or shares one
+slot with --colocate) and trains 2-4 GRPO steps on 4 samples of <= 6 tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ray = pytest.importorskip("ray")
+
+
+# ---- hooks used by the runs (loaded by dotted path, slime-style; they run in this driver process) ----
+
+
+async def length_rm(args, sample):
+    """A reward with variance inside a group: depends on the sampled tokens."""
+    return float(sum(sample.tokens[-sample.response_length:]) % 3 == 0)
+
+
+async def seeded_generate(args, sample, sampling_params):
+    """Default generate with a per-sample seed: sampling is a pure function of (weights, prompt, index)."""
+    from miles.rollout.generate import generate
+
+    return await generate(args, sample, dict(sampling_params, sampling_seed=1000 + sample.index))
+
+
+async def flaky_rm(args, sample):
+    """Raises for index % 4 == 1, never returns for index % 4 == 2, else 1.0."""
+    if sample.index % 4 == 1:
+        raise ValueError("reward exploded")
+    if sample.index % 4 == 2:
+        await asyncio.sleep(3600)
+    return 1.0
+
+
+def stuck_rollout(args, rollout_id, data_source, evaluation=False):
+    time.sleep(3600)
+
+
+# ---- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from miles.testing import make_checkpoint
+
+    root = tmp_path_factory.mktemp("train")
+    ckpt = make_checkpoint(root / "ckpt", "qwen3", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"input": f"What is {i} + {i}?", "label": str(2 * i)}) + "\n"
+                               for i in range(12)))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield {"root": root, "ckpt": str(ckpt), "prompts": str(prompts)}
+    ray.shutdown()
+
+
+def _argv(env, run: str, *extra: str, steps: int = 2) -> list[str]:
+    return [
+        "--hf-checkpoint", env["ckpt"], "--prompt-data", env["prompts"], "--label-key", "label",
+        "--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--rollout-max-response-len", "6",
+        "--num-rollout", str(steps), "--custom-rm-path", "test_train.length_rm", "--lr", "1e-2",
+        "--engine-kv-cache-tokens", "2048", "--engine-max-num-seqs", "8", "--phase-timeout", "120",
+        "--engine-startup-timeout", "180", "--run-dir", str(env["root"] / run), "--no-progress", *extra,
+    ]
+
+
+def _train(argv: list[str]) -> list[dict]:
+    from miles.cluster.loop import run_training
+    from miles.config import parse_config
+
+    return run_training(parse_config(argv).args)
+
+
+def _records(env, run: str, kind: str = "train") -> list[dict]:
+    lines = (env["root"] / run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+def _check_on_policy(hist: list[dict]) -> None:
+    for step, m in enumerate(hist):
+        assert m["weight_sync/version"] == step + 1  # engines bumped their version after every update
+        assert m["rollout/weight_versions"] == [str(step)]  # step k generated with the weights after k updates
+        assert m["train/train_rollout_logprob_abs_diff"] < 1e-4  # engine and trainer agree
+        assert m["rollout/num_samples"] == 4
+
+
+# ---- tests ----------------------------------------------------------------------------------------
+
+
+def test_sync_disaggregated_collective(env):
+    hist = _train(_argv(env, "disagg", "--check-weight-update-equal"))
+    assert [m["step"] for m in hist] == [0, 1]
+    _check_on_policy(hist)
+    assert _records(env, "disagg")[1]["train/step"] == 2.0
+
+
+def test_sync_colocated_ipc(env):
+    hist = _train(_argv(env, "coloc", "--colocate", "--check-weight-update-equal"))
+    _check_on_policy(hist)
+    assert hist[0]["weight_sync/tensors"] > 0
+
+
+def test_sync_disk_transport(env):
+    hist = _train(_argv(env, "disk", "--update-weight-transport", "disk", "--check-weight-update-equal",
+                        steps=1))
+    _check_on_policy(hist)
+
+
+def test_async_one_step_off(env):
+    hist = _train(_argv(env, "async", "--async", "--check-weight-update-equal", steps=3))
+    assert [m["weight_sync/version"] for m in hist] == [1, 2, 3]
+    # rollout k+1 starts before update k+1 lands: it generates with version k or k+1 (never older)
+    for step, m in enumerate(hist):
+        versions = [int(v) for v in m["rollout/weight_versions"]]
+        assert versions and min(versions) >= max(0, step - 1) and max(versions) <= step, (step, versions)
+
+
+def test_resume_continues_exactly(env):
+    full = _train(_argv(env, "full", "--custom-generate-function-path", "test_train.seeded_generate",
+                        "--save", str(env["root"] / "ckpt_full"), "--save-interval", "2", steps=4))
+    resumed = _train(_argv(env, "resumed", "--custom-generate-function-path", "test_train.seeded_generate",
+                           "--load", str(env["root"] / "ckpt_full" / "iter_0000002"), steps=4))
+    assert [m["step"] for m in resumed] == [2, 3]
+    keys = ["rollout/reward_mean", "rollout/response_len_mean", "train/loss", "train/pg_loss", "train/grad_norm",
+            "train/entropy", "train/ppo_kl", "train/step", "weight_sync/version"]
+    for a, b in zip(full[2:], resumed):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    assert full[2]["train/grad_norm"] != full[3]["train/grad_norm"]  # the compared values do change per step
+
+
+def test_debug_rollout_data_roundtrip(env):
+    dump = str(env["root"] / "dump" / "rollout_{rollout_id}.pt")
+    live = _train(_argv(env, "dump_live", "--save-debug-rollout-data", dump))
+    replay = _train(_argv(env, "dump_replay", "--load-debug-rollout-data", dump))
+    keys = ["train/loss", "train/pg_loss", "train/grad_norm", "train/entropy", "rollout/reward_mean"]
+    assert [{k: m[k] for k in keys} for m in live] == [{k: m[k] for k in keys} for m in replay]
+    assert "weight_sync/version" not in replay[0]  # no engines in replay mode
+
+
+def test_failing_and_hanging_rewards_do_not_stop_the_job(env):
+    t0 = time.monotonic()
+    hist = _train(_argv(env, "flaky", "--custom-rm-path", "test_train.flaky_rm", "--rm-timeout", "2",
+                        "--rm-default-reward", "0.0", steps=1))
+    assert time.monotonic() - t0 < 100
+    m = hist[0]
+    assert m["rollout/reward_errors"] >= 1 and m["rollout/reward_timeouts"] >= 1
+    assert "reward exploded" in m["rollout/reward_first_error"]
+    assert m["rollout/num_samples"] == 4 and m["rollout/reward_mean"] == 0.5  # indices 0..3: two scored 1.0
+
+
+def test_stuck_phase_times_out_with_stacks(env):
+    from miles.cluster.phase import PhaseTimeout
+
+    run = env["root"] / "stuck"
+    with pytest.raises(PhaseTimeout, match="phase 'rollout'"):
+        _train(_argv(env, "stuck", "--rollout-function-path", "test_train.stuck_rollout", "--phase-timeout", "3",
+                     "--debug-rollout-only"))
+    stacks = list(run.glob("stacks-rollout-*.txt"))
+    assert stacks and "stuck_rollout" in stacks[0].read_text()
