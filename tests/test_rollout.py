@@ -321,3 +321,37 @@ def test_routed_experts_for_r3(tok, tok_dir):
         rows = len(s.tokens) - 1
         assert s.rollout_routed_experts.shape == (rows, 4)
         assert np.array_equal(s.rollout_routed_experts.reshape(-1), np.arange(rows * 4) % 8)
+
+
+async def eval_aware_generate(args, sample, sampling_params, evaluation=False):
+    sample = await generate(args, sample, sampling_params)
+    sample.metadata["evaluation"] = evaluation
+    return sample
+
+
+async def two_segment_generate(args, sample, sampling_params):
+    """Returns two training samples from one execution (slime's list form): prompt+answer and a copy."""
+    sample = await generate(args, sample, sampling_params)
+    second = Sample.from_dict(sample.to_dict())
+    second.index = sample.index  # siblings of one execution
+    return [sample, second]
+
+
+def test_custom_generate_evaluation_kwarg_and_list_return(tmp_path, tok, tok_dir):
+    with server_for(tok, Script(tok)) as server:
+        path = write_prompts(tmp_path / "p.jsonl", [1, 2])
+        args = rollout_args(path, server, tok_dir, custom_generate_function_path=f"{__name__}.eval_aware_generate",
+                            eval_prompt_data=["e", path], rollout_batch_size=1, dynamic_sampling_filter_path=None)
+        src = RolloutDataSourceWithBuffer(args)
+        train = generate_rollout(args, 0, src)
+        ev = generate_rollout(args, 0, src, evaluation=True)
+        assert [s.metadata["evaluation"] for g in train.samples for s in g] == [False, False]
+        assert {s.metadata["evaluation"] for s in ev.data["e"]["samples"]} == {True}
+
+        args.custom_generate_function_path = f"{__name__}.two_segment_generate"
+        out = generate_rollout(args, 1, src)
+        (group,) = out.samples
+        assert len(group) == 2 and all(isinstance(x, list) and len(x) == 2 for x in group)
+        for pair in group:
+            assert pair[0].rollout_id == pair[1].rollout_id == pair[0].index
+            assert pair[0].reward == pair[1].reward and pair[0].reward in (0.0, 1.0)
