@@ -424,3 +424,33 @@ def test_api_key(server):
             openai.OpenAI(base_url=st.url + "/v1", api_key="wrong", max_retries=0).models.list()
         models = openai.OpenAI(base_url=st.url + "/v1", api_key="s3cret", max_retries=0).models.list()
         assert models.data[0].id == "tiny"
+
+
+def test_stream_disconnect_aborts_request(http, server):
+    http.post("/pause_generation", json={"mode": "in_place"})
+    try:
+        body = {"input_ids": [4, 5, 6], "stream": True, "sampling_params": {"max_new_tokens": 100}}
+        with httpx.Client(timeout=30, trust_env=False) as c, c.stream("POST", server.url + "/generate", json=body) as r:
+            assert r.status_code == 200  # headers arrive, no event while paused
+            _wait(lambda: _inflight(http) == 1, what="queued stream")
+        _wait(lambda: _inflight(http) == 0, timeout=10, what="abort after the stream was closed")
+    finally:
+        http.post("/continue_generation")
+
+
+def test_engine_step_failure_is_503_and_server_recovers(http, server):
+    eng = server.async_engine.engine
+
+    def broken_step():
+        raise RuntimeError("injected failure")
+
+    eng.step = broken_step
+    try:
+        r = http.post("/generate", json={"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4}})
+    finally:
+        del eng.step  # back to the class method
+    assert r.status_code == 503 and "injected failure" in r.json()["error"]["message"]
+    assert http.get("/health").status_code == 200
+    good = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}
+    ok = http.post("/generate", json=good)
+    assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 4
