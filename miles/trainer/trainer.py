@@ -224,7 +224,7 @@ class Trainer:
         grad_norm = self._clip_and_step()
         stats = torch.cat([reduced, sums, present])
         self._all_reduce_sum(stats)
-        dist.all_reduce(ratio_ext, op=dist.ReduceOp.MAX)
+        self._all_reduce_sum(ratio_ext, op=dist.ReduceOp.MAX)
         reduced, sums, present = stats.split([len(REDUCED_KEYS), len(TOKEN_KEYS), len(present)])
         out = {k: float(reduced[j]) for j, k in enumerate(REDUCED_KEYS) if present[j] > 0}
         out.update({k: float(sums[j]) / max(n_tokens, 1) for j, k in enumerate(TOKEN_KEYS)
@@ -279,16 +279,16 @@ class Trainer:
         self.step += 1
         return norm_f
 
-    def _all_reduce_sum(self, t: Tensor) -> None:
-        """In-place SUM over ranks of a CPU tensor (moved through the device for NCCL)."""
+    def _all_reduce_sum(self, t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+        """In-place all-reduce over ranks of a CPU tensor (moved through the device for NCCL)."""
         if self.world_size == 1:
             return
         if self.device.type == "cuda":
             d = t.to(self.device)
-            dist.all_reduce(d)
+            dist.all_reduce(d, op=op)
             t.copy_(d.cpu())
         else:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=op)
 
     # ------------------------------------------------------------------ state, export, weight sync
 
