@@ -355,3 +355,27 @@ def test_custom_generate_evaluation_kwarg_and_list_return(tmp_path, tok, tok_dir
         for pair in group:
             assert pair[0].rollout_id == pair[1].rollout_id == pair[0].index
             assert pair[0].reward == pair[1].reward and pair[0].reward in (0.0, 1.0)
+
+
+def test_groups_aborted_by_the_server_are_not_trained_on(tmp_path, tok, tok_dir):
+    class ServerAborts(Script):
+        def __call__(self, input_ids, params):
+            if "What is 2 plus" in self.tok.decode(input_ids):
+                return ScriptedReply(self.answer(2, True)[:3], "abort")
+            return super().__call__(input_ids, params)
+
+    with server_for(tok, ServerAborts(tok)) as server:
+        path = write_prompts(tmp_path / "p.jsonl", [1, 2, 4, 5])
+        for partial in (False, True):
+            args = rollout_args(path, server, tok_dir, rollout_batch_size=2, over_sampling_batch_size=2,
+                                dynamic_sampling_filter_path=None, partial_rollout=partial)
+            src = RolloutDataSourceWithBuffer(args)
+            out = generate_rollout(args, 0, src)
+            assert group_prompts(out.samples) == [1, 4]
+            assert all(s.reward is not None for g in out.samples for s in g)
+            if partial:
+                assert group_prompts(src.buffer) == [2, 5]  # the server-aborted group and the over-sampled one
+                assert [s.status for s in src.buffer[0]] == [Sample.Status.ABORTED] * 2
+                assert src.buffer[0][0].response_length == 3
+            else:
+                assert out.metrics["rollout/dynamic_filter/drop_aborted"] == 1 and src.get_buffer_length() == 0

@@ -165,10 +165,6 @@ def _first_index(group: list) -> int:
     return first.index if first.index is not None else 0
 
 
-def _is_done(group: list) -> bool:
-    return all(s.status not in (Sample.Status.PENDING, Sample.Status.ABORTED) for s in flatten(group))
-
-
 def _reset_unfinished(group: list, rollout_id: int) -> None:
     for s in flatten(group):
         if s.status in (Sample.Status.PENDING, Sample.Status.ABORTED):
@@ -217,6 +213,12 @@ async def train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollout
                 group = task.result()
                 if len(kept) >= target:
                     extra.append(group)
+                    continue
+                if any(s.status == Sample.Status.ABORTED for s in flatten(group)):  # aborted by the server
+                    if getattr(args, "partial_rollout", False):
+                        extra.append(group)  # continued in a later step
+                    else:
+                        drops["aborted"] += 1
                     continue
                 verdict = as_filter_output(filter_fn(args, group)) if filter_fn else None
                 if verdict is not None and not verdict.keep:
