@@ -41,8 +41,8 @@ class Script:
     prompts with i % 3 == 0 are always right (a zero-std group). Prompts in `hold` wait for an abort
     and then return their first 2 tokens; a continuation gets the rest of the answer."""
 
-    def __init__(self, tok, hold=()):
-        self.tok, self.hold, self.calls = tok, set(hold), Counter()
+    def __init__(self, tok, hold=(), slow=None):
+        self.tok, self.hold, self.calls, self.slow = tok, set(hold), Counter(), dict(slow or {})
 
     def ids(self, text):
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -58,7 +58,7 @@ class Script:
         self.calls[i] += 1
         correct = i % 3 == 0 or self.calls[i] % 2 == 1
         eos = self.tok.eos_token_id
-        return ScriptedReply(self.answer(i, correct)[done:] + [eos], "stop", matched=eos)
+        return ScriptedReply(self.answer(i, correct)[done:] + [eos], "stop", matched=eos, delay=self.slow.get(i, 0.0))
 
 
 def server_for(tok, script):
@@ -221,7 +221,7 @@ def test_bad_rewards_do_not_stop_the_step(tmp_path, tok, tok_dir):
 
 
 def test_group_rm_and_bool_filter_hooks(tmp_path, tok, tok_dir):
-    with server_for(tok, Script(tok)) as server:
+    with server_for(tok, Script(tok, slow={5: 0.5})) as server:
         args = rollout_args(write_prompts(tmp_path / "p.jsonl", [1, 2, 4, 5]), server, tok_dir, group_rm=True,
                             custom_rm_path=f"{__name__}.length_group_rm", reward_key="score",
                             rollout_batch_size=2, over_sampling_batch_size=2,
@@ -364,7 +364,7 @@ def test_groups_aborted_by_the_server_are_not_trained_on(tmp_path, tok, tok_dir)
                 return ScriptedReply(self.answer(2, True)[:3], "abort")
             return super().__call__(input_ids, params)
 
-    with server_for(tok, ServerAborts(tok)) as server:
+    with server_for(tok, ServerAborts(tok, slow={5: 0.5})) as server:
         path = write_prompts(tmp_path / "p.jsonl", [1, 2, 4, 5])
         for partial in (False, True):
             args = rollout_args(path, server, tok_dir, rollout_batch_size=2, over_sampling_batch_size=2,
