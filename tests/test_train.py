@@ -103,10 +103,17 @@ def test_sync_disaggregated_collective(env):
     assert _records(env, "disagg")[1]["train/step"] == 2.0
 
 
-def test_sync_colocated_ipc(env):
-    hist = _train(_argv(env, "coloc", "--colocate", "--check-weight-update-equal"))
+def test_sync_colocated_ipc_two_ranks_two_engines(env):
+    """2 FSDP ranks (gloo) sharing their 2 slots with 2 engines behind `miles router`; eval and tensorboard."""
+    hist = _train(_argv(env, "coloc", "--colocate", "--actor-num-gpus-per-node", "2", "--check-weight-update-equal",
+                        "--eval-interval", "1", "--eval-prompt-data", "heldout", env["prompts"], "--use-tensorboard"))
     _check_on_policy(hist)
     assert hist[0]["weight_sync/tensors"] > 0
+    evals = _records(env, "coloc", "eval")
+    assert [r["step"] for r in evals] == [0, 1, 2]  # before training, then after each update
+    assert all(0.0 <= r["eval/heldout"] <= 1.0 and "eval/heldout/pass@1" in r for r in evals)
+    assert list((env["root"] / "coloc" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (env["root"] / "coloc" / "router.log").exists()
 
 
 def test_sync_disk_transport(env):

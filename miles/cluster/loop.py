@@ -221,7 +221,7 @@ class RLLoop:
         updates = rollout_id + 1
         if args.eval_interval and updates % args.eval_interval == 0 and not args.debug_train_only:
             with self.progress.phase("eval", rollout_id):
-                metrics.update(self.evaluate(updates, rollout_id))
+                self.evaluate(updates, rollout_id)
         last = rollout_id == self.num_rollout - 1
         if args.save and ((args.save_interval and updates % args.save_interval == 0) or last):
             t0 = time.perf_counter()
