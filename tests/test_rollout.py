@@ -379,3 +379,32 @@ def test_groups_aborted_by_the_server_are_not_trained_on(tmp_path, tok, tok_dir)
                 assert src.buffer[0][0].response_length == 3
             else:
                 assert out.metrics["rollout/dynamic_filter/drop_aborted"] == 1 and src.get_buffer_length() == 0
+
+
+SEEN = {}
+
+
+def remove_wrong_answers(args, data):  # slime's --rollout-sample-filter-path form: groups in, None out
+    for group in data:
+        for s in group:
+            s.remove_sample = s.reward == 0.0
+
+
+def record_all_groups(args, all_samples, get_samples):
+    SEEN["groups"] = [g[0].prompt for g in all_samples]
+    SEEN["get_samples"] = get_samples
+
+
+def test_sample_filter_and_all_samples_process_hooks(tmp_path, tok, tok_dir):
+    with server_for(tok, Script(tok)) as server:
+        args = rollout_args(write_prompts(tmp_path / "p.jsonl", [3, 1, 2]), server, tok_dir,
+                            rollout_sample_filter_path=f"{__name__}.remove_wrong_answers",
+                            rollout_all_samples_process_path=f"{__name__}.record_all_groups")
+        src = RolloutDataSourceWithBuffer(args)
+        args.rollout_batch_size = args.over_sampling_batch_size = 2
+        out = generate_rollout(args, 0, src)
+        assert group_prompts(out.samples) == [1, 2]
+        assert all(s.remove_sample == (s.reward == 0.0) for g in out.samples for s in g)
+        assert out.metrics["rollout/removed_samples"] == 2
+        assert set(SEEN["groups"]) == {prompt_of(1), prompt_of(2), prompt_of(3)}  # includes the dropped group 3
+        assert SEEN["get_samples"] == src.get_samples

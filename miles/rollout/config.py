@@ -56,6 +56,10 @@ class RolloutConfig:
     partial_rollout: bool = _f(False, "Return groups aborted mid-generation to the buffer; continue them later.")
     mask_offpolicy_in_partial_rollout: bool = _f(False, "Resumed samples: earlier tokens get loss mask 0.")
     dynamic_sampling_filter_path: str | None = _f(None, "Per-group filter `fn(args, samples) -> keep`.")
+    rollout_sample_filter_path: str | None = _f(None, "`fn(args, groups) -> None`; sets sample.remove_sample.")
+    rollout_all_samples_process_path: str | None = _f(
+        None, "`fn(args, all_groups, get_samples) -> None` on every finished group (kept and filtered)."
+    )
     custom_generate_function_path: str | None = _f(None, "`async def generate(args, sample, sampling_params)`.")
     rollout_function_path: str = _f("miles.rollout.rollout.generate_rollout", "Rollout function (slime hook).")
     eval_function_path: str | None = _f(None, "Eval rollout function (default: --rollout-function-path).")

@@ -185,6 +185,7 @@ async def train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollout
         semaphore=asyncio.Semaphore(getattr(args, "sglang_server_concurrency", 512) * _num_engines(args)),
     )
     kept: list[list] = []
+    finished: list[list] = []  # every group that finished generating (kept or dropped by the filter)
     extra: list[list] = []  # groups that finished after the batch was full
     drops: Counter = Counter()
     groups_of: dict[asyncio.Task, list] = {}
@@ -220,6 +221,7 @@ async def train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollout
                     else:
                         drops["aborted"] += 1
                     continue
+                finished.append(group)
                 verdict = as_filter_output(filter_fn(args, group)) if filter_fn else None
                 if verdict is not None and not verdict.keep:
                     drops[verdict.reason or "filtered"] += 1
@@ -238,6 +240,12 @@ async def train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollout
         if to_buffer:
             data_source.add_samples(to_buffer)
     kept.sort(key=_first_index)
+    sample_filter = load_function(getattr(args, "rollout_sample_filter_path", None))
+    if sample_filter is not None:
+        sample_filter(args, kept)
+    process_all = load_function(getattr(args, "rollout_all_samples_process_path", None))
+    if process_all is not None:
+        process_all(args, sorted(finished, key=_first_index), data_source.get_samples)
     samples = flatten(kept)
     metrics = sample_metrics(args, samples)
     metrics.update(state.rewards.metrics())
@@ -252,6 +260,11 @@ async def train_rollout(args: Any, rollout_id: int, data_source: Any) -> Rollout
             "rollout/reward_seconds": state.rewards.seconds,
             "rollout/seconds": time.perf_counter() - t_start,
         }
+    )
+    metrics["rollout/removed_samples"] = sum(s.remove_sample for s in samples)
+    logger.info(
+        "rollout %d: kept %d/%d groups of %d sampled (%d filtered, %d aborted) in %.1fs",
+        rollout_id, len(kept), target, num_groups, sum(drops.values()), len(leftovers), metrics["rollout/seconds"],
     )
     return RolloutFnTrainOutput(samples=kept, metrics=metrics)
 
