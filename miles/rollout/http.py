@@ -29,20 +29,23 @@ def router_url(args: Any) -> str:
     return f"http://{ip}:{port}"
 
 
-def get_client() -> httpx.AsyncClient:
-    """The httpx client of the running event loop (created on first use)."""
+def get_client(trust_env: bool = False) -> httpx.AsyncClient:
+    """The httpx client of the running event loop (created on first use).
+
+    `trust_env=False` (router/engines: cluster-internal) ignores HTTP(S)_PROXY; external services
+    such as a remote reward model use `trust_env=True`.
+    """
     loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
+    clients = _clients.setdefault(loop, {})
+    if trust_env not in clients:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        client = httpx.AsyncClient(limits=limits, timeout=None)
-        _clients[loop] = client
-    return client
+        clients[trust_env] = httpx.AsyncClient(limits=limits, timeout=None, trust_env=trust_env)
+    return clients[trust_env]
 
 
 async def close_client() -> None:
-    client = _clients.pop(asyncio.get_running_loop(), None)
-    if client is not None:
+    """Close the running loop's clients (call before the loop ends)."""
+    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
         await client.aclose()
 
 
@@ -54,13 +57,14 @@ async def post_json(
     retries: int = 3,
     backoff: float = 0.5,
     max_backoff: float = 30.0,
+    trust_env: bool = False,
 ) -> Any:
     """POST JSON and return the decoded JSON body (None for an empty body).
 
     Connection errors, timeouts and 5xx are retried `retries` times with exponential backoff;
     4xx fails at once with the server's message.
     """
-    client = get_client()
+    client = get_client(trust_env)
     last: str = ""
     for attempt in range(retries + 1):
         try:

@@ -19,4 +19,5 @@ async def remote_rm(args: Any, sample: Sample) -> Any:
         retries=getattr(args, "rm_max_retries", 10),
         backoff=getattr(args, "rm_retry_backoff", 0.5),
         max_backoff=10.0,
+        trust_env=True,
     )
