@@ -61,3 +61,17 @@ def test_hung_sync_hook_does_not_block_loop_shutdown():
     t0 = time.perf_counter()
     asyncio.run(main())
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_slime_builtin_paths_resolve_to_miles():
+    from miles.rollout.data import RolloutDataSourceWithBuffer
+    from miles.rollout.filters import check_reward_nonzero_std
+    from miles.rollout.rollout import generate_rollout
+
+    assert load_function("slime.rollout.sglang_rollout.generate_rollout") is generate_rollout
+    assert load_function("slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std") is (
+        check_reward_nonzero_std
+    )
+    assert load_function("miles.rollout.data_source.RolloutDataSourceWithBuffer") is RolloutDataSourceWithBuffer
+    with pytest.raises(ImportError, match="slime.nope"):
+        load_function("slime.nope.fn")

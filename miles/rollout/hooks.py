@@ -21,6 +21,11 @@ def _load(path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        if module_name.startswith("slime."):  # slime's built-ins live at the same paths under miles.
+            try:
+                return _load("miles." + path[len("slime.") :])
+            except (ImportError, AttributeError):
+                pass
         msg = f"hook path {path!r}: cannot import module {module_name!r} ({e}); is it on PYTHONPATH?"
         raise ImportError(msg) from e
     try:
@@ -30,7 +35,11 @@ def _load(path: str) -> Any:
 
 
 def load_function(path: str | None) -> Any:
-    """Import `pkg.mod.attr` and return the attribute (None for an empty path)."""
+    """Import `pkg.mod.attr` and return the attribute (None for an empty path).
+
+    A `slime.…` path that does not import (slime not installed) falls back to the same path under `miles.`,
+    so slime's built-in hook paths (filters, data source, rollout function) work unchanged.
+    """
     if not path:
         return None
     return _load(path)

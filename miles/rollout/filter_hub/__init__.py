@@ -1,0 +1,1 @@
+"""slime/Miles import paths for the dynamic-sampling filters."""
