@@ -93,6 +93,7 @@ def bench_engine(model, prompts, olens, seed: int, max_num_seqs: int, max_tokens
     warm = [SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True, seed=i) for i in range(4)]
     engine.generate([p[:300] for p in prompts[:4]], warm)  # Triton prefill/decode compilation
     engine.stats.trace = []
+    engine.runner.event_log = []
     params = [SamplingParams(temperature=1.0, max_new_tokens=o, ignore_eos=True, seed=seed + i)
               for i, o in enumerate(olens)]
     torch.cuda.synchronize()
@@ -110,12 +111,15 @@ def bench_engine(model, prompts, olens, seed: int, max_num_seqs: int, max_tokens
     name = torch.cuda.get_device_name()
     bw = next(v for k, v in PEAK_BW + [("", 3.35e12)] if k in name)
     stats = engine.stats.as_dict(engine)
+    ev = [(a.elapsed_time(b) / 1e3, d) for a, b, d, _ in engine.runner.event_log]
+    gpu_decode = sum(t for t, d in ev if d)
     res = dict(
         engine_tok_s=gen / wall, engine_wall_s=wall, engine_tokens=gen, graph_capture_s=capture_s,
         decode_steps=len(dec), decode_time_s=dec_time, decode_tok_s=sum(b for _, b, _ in dec) / max(dec_time, 1e-9),
         decode_roofline=dec_bytes / max(dec_time, 1e-9) / bw,
         decode_achieved_gb_s=dec_bytes / max(dec_time, 1e-9) / 1e9,
-        peak_gb_s=bw / 1e9, mean_decode_batch=float(np.mean([b for _, b, _ in dec])) if dec else 0.0,
+        peak_gb_s=bw / 1e9, decode_gpu_time_s=gpu_decode,
+        decode_roofline_gpu_only=dec_bytes / max(gpu_decode, 1e-9) / bw, mean_decode_batch=float(np.mean([b for _, b, _ in dec])) if dec else 0.0,
         steps=stats["num_steps"], preemptions=stats["num_preemptions"], kv_blocks=stats["num_kv_blocks"],
         max_batch=stats["max_batch_size"], graph_replays=stats["num_graph_replays"],
     )

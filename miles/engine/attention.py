@@ -52,10 +52,11 @@ class AttnMetadata:
     query_lens: torch.Tensor  # [S] int32
     query_lens_cpu: list[int]
     context_lens_cpu: list[int]
-    # Triton only: sequences with one query token go to the decode kernel (their flat row and sequence index),
-    # longer queries to the prefill kernel in tiles of (sequence index, first query offset).
+    # Triton only: sequences with one query token go to the decode kernel (their flat row, block-table row and
+    # context length), longer queries to the prefill kernel in tiles of (sequence index, first query offset).
     decode_rows: torch.Tensor | None = None  # [Sd] int32
-    decode_seqs: torch.Tensor | None = None  # [Sd] int32
+    decode_seqs: torch.Tensor | None = None  # [Sd] int32/int64: row of block_tables
+    decode_ctx: torch.Tensor | None = None  # [Sd] int32/int64
     prefill_tiles: torch.Tensor | None = None  # [n_tiles, 2] int32
 
 

@@ -131,6 +131,8 @@ class BlockManager:
         """After a step: blocks fully covered by `seq.num_computed` become computed (and findable)."""
         bs = self.block_size
         num_full = min(seq.num_computed, len(seq)) // bs
+        if num_full == 0 or self.blocks[seq.block_table[num_full - 1]].computed:
+            return
         hashes = self._block_hashes(seq, num_full) if self.enable_prefix_caching else []
         for i in range(num_full - 1, -1, -1):
             b = self.blocks[seq.block_table[i]]

@@ -79,6 +79,7 @@ class LLMEngine:
         use_graphs = device.type == "cuda" and not config.enforce_eager
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.max_model_len,
                                   config.max_num_seqs, use_graphs, config.cuda_graph_max_bs)
+        self.scheduler.on_release = self.runner.release
         self.weight_version = 0
         self.stats = EngineStats()
         self.paused = False
@@ -217,8 +218,7 @@ class LLMEngine:
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
-        seq.token_ids.append(token)
-        seq.logprobs.append(logprob)
+        seq.append(token, logprob)
         p = seq.params
         stop_str = seq.detok.append(token) if seq.detok is not None else None
         can_stop = seq.num_output > p.min_new_tokens  # tokens before min_new_tokens were banned from stopping
@@ -245,8 +245,8 @@ class LLMEngine:
         if seq.finished and seq.params.return_routed_experts and seq.routed_experts:
             routed = torch.cat(seq.routed_experts).tolist()
         return RequestOutput(
-            request_id=seq.request_id, prompt_ids=seq.prompt_ids, output_ids=list(seq.output_ids),
-            logprobs=list(seq.logprobs), finish_reason=seq.finish_reason, finished=seq.finished,
+            request_id=seq.request_id, prompt_ids=seq.prompt_ids, output_ids=seq.out_ids,
+            logprobs=seq.logprobs, finish_reason=seq.finish_reason, finished=seq.finished,
             weight_version=self.weight_version, routed_experts=routed, new_token_count=new, text=text,
             matched_stop=seq.matched_stop, cached_tokens=seq.num_cached_prompt, num_preemptions=seq.num_preemptions,
         )

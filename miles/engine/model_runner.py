@@ -46,10 +46,13 @@ class ModelRunner:
         graph_safe = not self.config.is_moe or self.dtype == torch.bfloat16
         self.use_cuda_graphs = use_cuda_graphs and self.use_triton and graph_safe
         self.graph_max_bs = min(graph_max_bs, max_num_seqs)
+        self.max_num_seqs = max_num_seqs
         self.is_moe = self.config.is_moe
         self.cache: KVCache | None = None
+        self._static: dict[str, torch.Tensor] | None = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, RoutingCapture | None]] = {}
         self.num_graph_replays = 0
+        self.event_log: list | None = None  # CUDA only: set to [] to record (start, end, decode_only, n) per step
         self.allocate_cache()
 
     # ---- memory --------------------------------------------------------------------------------------------
@@ -109,6 +112,7 @@ class ModelRunner:
             tiles = [(i, m) for i, n in enumerate(qlens) if n > 1 for m in range(0, n, PREFILL_BLOCK_M)]
             md.decode_rows = torch.tensor([qstart[i] for i in dec], dtype=i32).to(dev, non_blocking=True)
             md.decode_seqs = torch.tensor(dec, dtype=i32).to(dev, non_blocking=True)
+            md.decode_ctx = torch.tensor([clens[i] for i in dec], dtype=i32).to(dev, non_blocking=True)
             md.prefill_tiles = torch.tensor(tiles, dtype=i32).reshape(-1, 2).to(dev, non_blocking=True)
         input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         positions = torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True)
@@ -127,6 +131,9 @@ class ModelRunner:
             raise RuntimeError("engine is asleep: call wake_up() before generating")
         routing = RoutingCapture() if (want_routing and self.is_moe) else None
         n = len(batch)
+        if self.event_log is not None:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         pure_decode = all(k == 1 for _, k in batch) and all(s.num_computed + 1 == len(s) for s, _ in batch)
         if self.use_cuda_graphs and pure_decode and n <= self.graph_max_bs:
             logits, routed = self._replay(batch, want_routing and self.is_moe)
@@ -141,27 +148,39 @@ class ModelRunner:
         if logits is None or sb is None:
             return [], [], routed
         tokens, logprobs = sample(logits, sb)
+        if self.event_log is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.event_log.append((start, end, pure_decode, n))
         return tokens.tolist(), logprobs.tolist(), routed
 
-    # ---- CUDA graphs ---------------------------------------------------------------------------------------
+    # ---- CUDA graphs ----------------------------------------------------------------------------------------
+    # Graph inputs live in one static int64 buffer [5, max_bs] (token id, position, KV slot, context length,
+    # block-table row) filled by a single host-to-device copy per step. Each running sequence owns a row of a
+    # persistent device block table; only the entries added since its last replay are copied.
     def _static_buffers(self) -> dict[str, torch.Tensor]:
-        if getattr(self, "_static", None) is None:
+        if self._static is None:
             m, dev = self.graph_max_bs, self.device
             self._static = dict(
-                ids=torch.zeros(m, dtype=torch.long, device=dev),
-                pos=torch.zeros(m, dtype=torch.long, device=dev),
-                slots=torch.full((m,), self.cache.scratch_slot, dtype=torch.long, device=dev),
-                ctx=torch.zeros(m, dtype=torch.int32, device=dev),
-                bt=torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+                inp=torch.zeros(5, m, dtype=torch.long, device=dev),
+                bt=torch.zeros(self.max_num_seqs + 1, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
                 rows=torch.arange(m, dtype=torch.int32, device=dev),
                 ones=torch.ones(m, dtype=torch.int32, device=dev),
             )
+            self._free_rows = list(range(self.max_num_seqs))
         return self._static
+
+    def release(self, seq: Sequence) -> None:
+        """Forget `seq`'s block-table row (called when it finishes or is preempted)."""
+        if seq.bt_row >= 0 and self._static is not None:
+            self._free_rows.append(seq.bt_row)
+        seq.bt_row, seq.bt_synced = -1, 0
 
     def _graph_attn(self, b: int) -> PagedAttention:
         s = self._static_buffers()
-        md = AttnMetadata(s["slots"][:b], s["bt"][:b], s["ctx"][:b], s["rows"][:b], s["ones"][:b], [1] * b,
-                          [1] * b, decode_rows=s["rows"][:b], decode_seqs=s["rows"][:b],
+        inp = s["inp"]
+        md = AttnMetadata(inp[2, :b], s["bt"], inp[3, :b], s["rows"][:b], s["ones"][:b], [1] * b, [1] * b,
+                          decode_rows=s["rows"][:b], decode_seqs=inp[4, :b], decode_ctx=inp[3, :b],
                           prefill_tiles=torch.zeros(0, 2, dtype=torch.int32, device=self.device))
         p, plen = self._partitions(b, self.max_model_len)
         return PagedAttention(self.cache, md, True, p, plen)
@@ -172,16 +191,19 @@ class ModelRunner:
         if not self.use_cuda_graphs or self.graphs:
             return
         s = self._static_buffers()
+        inp = s["inp"]
+        inp[2].fill_(self.cache.scratch_slot)
+        inp[4].fill_(self.max_num_seqs)
         pool = None
         for b in reversed(graph_buckets(self.graph_max_bs)):
             attn = self._graph_attn(b)
             routing = RoutingCapture() if self.is_moe else None
             for _ in range(2):  # warm up: Triton compilation, cuBLAS workspaces
-                self.model.compute_logits(self.model(s["ids"][:b], s["pos"][:b], attn, routing))
+                self.model.compute_logits(self.model(inp[0, :b], inp[1, :b], attn, routing))
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                logits = self.model.compute_logits(self.model(s["ids"][:b], s["pos"][:b], attn, routing))
+                logits = self.model.compute_logits(self.model(inp[0, :b], inp[1, :b], attn, routing))
             pool = g.pool()
             self.graphs[b] = (g, logits, routing)
         torch.cuda.synchronize()
@@ -192,23 +214,31 @@ class ModelRunner:
         n, bs = len(batch), self.block_size
         b = next(k for k in sorted(self.graphs) if k >= n)
         s = self._static_buffers()
-        ids, pos, slots, ctx = [], [], [], []
-        width = max(len(seq.block_table) for seq, _ in batch)
-        rows = []
+        pad = b - n
+        ids, pos, slots, ctx, rows = [], [], [], [], []
+        up_r, up_c, up_v = [], [], []
         for seq, _ in batch:
             p = len(seq) - 1
+            table = seq.block_table
             ids.append(seq.token_ids[p])
             pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            slots.append(table[p // bs] * bs + p % bs)
             ctx.append(p + 1)
-            rows.append(seq.block_table + [0] * (width - len(seq.block_table)))
-        pad = b - n
-        bt = torch.tensor(rows + [[0] * width] * pad, dtype=torch.int32)
-        s["ids"][:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        s["pos"][:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
-        s["slots"][:b].copy_(torch.tensor(slots + [self.cache.scratch_slot] * pad), non_blocking=True)
-        s["ctx"][:b].copy_(torch.tensor(ctx + [0] * pad, dtype=torch.int32), non_blocking=True)
-        s["bt"][:b, :width].copy_(bt, non_blocking=True)
+            if seq.bt_row < 0:
+                seq.bt_row, seq.bt_synced = self._free_rows.pop(), 0
+            rows.append(seq.bt_row)
+            if len(table) > seq.bt_synced:
+                k = len(table) - seq.bt_synced
+                up_r += [seq.bt_row] * k
+                up_c += range(seq.bt_synced, len(table))
+                up_v += table[seq.bt_synced :]
+                seq.bt_synced = len(table)
+        if up_v:
+            upd = torch.tensor([up_r, up_c, up_v], dtype=torch.long).to(self.device, non_blocking=True)
+            s["bt"][upd[0], upd[1]] = upd[2].to(torch.int32)
+        host = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.cache.scratch_slot] * pad,
+                             ctx + [0] * pad, rows + [self.max_num_seqs] * pad], dtype=torch.long)
+        s["inp"][:, :b].copy_(host, non_blocking=True)
         g, logits, routing = self.graphs[b]
         g.replay()
         self.num_graph_replays += 1

@@ -9,7 +9,8 @@ log-prob: it is always taken from the full, untruncated temperature-scaled distr
 Sampling is an exponential race, `argmax(log p_trunc - log E)` with E ~ Exp(1), which draws exactly from
 p_trunc. The uniform behind E for (request, position p, vocab entry v) is a counter-based hash of
 (seed, p, v), so a seeded request yields the same tokens whatever else is in the batch, after
-preemption and recompute, and on any device with the same logits; no per-row generator loop is needed.
+preemption and recompute; no per-row generator loop is needed. On CUDA, rows without truncation or bans
+go through one fused Triton kernel (`triton_sampler.py`) that uses the bit-identical noise.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def _truncate(logp: torch.Tensor, top_ps: torch.Tensor, top_ks: torch.Tensor) ->
 
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row. Returns (tokens [B] int64, logprobs [B] float32) per the module docstring."""
+    if logits.is_cuda and not sb.any_truncation and not any(sb.banned):
+        from miles.engine.triton_sampler import fused_sample
+
+        return fused_sample(logits, sb.temperatures, sb.seeds, sb.positions)
     x = logits.float()
     greedy = sb.temperatures == 0
     temps = torch.where(greedy, torch.ones_like(sb.temperatures), sb.temperatures)

@@ -13,6 +13,7 @@ fit in the cache, so there is neither a crash nor a hang.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from miles.engine.block_manager import BlockManager
 from miles.engine.sequence import SeqStatus, Sequence
@@ -28,6 +29,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.watermark = max(1, block_manager.num_blocks // 100)
         self.num_preemptions = 0
+        self.on_release: Callable[[Sequence], None] | None = None  # told when a running sequence leaves
 
     def add(self, seq: Sequence) -> None:
         need = self.bm.blocks_needed(seq.num_prompt + seq.max_new_tokens)
@@ -46,6 +48,8 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free_seq(seq)
+        if self.on_release is not None:
+            self.on_release(seq)
         seq.num_computed = 0
         seq.routed_experts = []
         seq.num_preemptions += 1
@@ -62,6 +66,8 @@ class Scheduler:
         if seq.status == SeqStatus.RUNNING:
             self.running.remove(seq)
             self.bm.free_seq(seq)
+            if self.on_release is not None:
+                self.on_release(seq)
         elif seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason, seq.matched_stop = SeqStatus.FINISHED, reason, matched

@@ -57,7 +57,9 @@ class SeqStatus(enum.Enum):
 class RequestOutput:
     """What a step reports for one request. `logprobs[i]` is the log-prob of `output_ids[i]` (see sampler.py).
 
-    `new_token_count` is how many tokens were appended since the previous report for this request.
+    `new_token_count` is how many tokens were appended since the previous report for this request (the new
+    ones are `output_ids[-new_token_count:]`). While a request runs, `output_ids` / `logprobs` are live lists
+    that later steps extend (no per-step copies): copy them to keep a snapshot.
     """
 
     request_id: str
@@ -87,6 +89,7 @@ class Sequence:
     arrival: int = 0
     status: SeqStatus = SeqStatus.WAITING
     token_ids: list[int] = field(default_factory=list)
+    out_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of this seq's full blocks
@@ -98,6 +101,8 @@ class Sequence:
     matched_stop: int | str | None = None
     detok: Any = None  # IncrementalDetokenizer when stop strings are used
     routed_experts: list[Any] = field(default_factory=list)  # per computed token: [layers, k]
+    bt_row: int = -1  # row of the model runner's device block table (CUDA-graph decode)
+    bt_synced: int = 0  # block-table entries already copied to that row
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -112,11 +117,16 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt :]
+        return self.out_ids
 
     @property
     def num_output(self) -> int:
-        return len(self.token_ids) - self.num_prompt
+        return len(self.out_ids)
+
+    def append(self, token: int, logprob: float) -> None:
+        self.token_ids.append(token)
+        self.out_ids.append(token)
+        self.logprobs.append(logprob)
 
     @property
     def finished(self) -> bool:

@@ -16,7 +16,7 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, BT, CL, QROW, SEQ, AccP, MP, LP,
+def _decode_kernel(Q, K, V, BT, CTX, QROW, SEQ, AccP, MP, LP,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_bt, qk_scale, part_len, H,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, NUM_PARTS: tl.constexpr, PREC: tl.constexpr):
@@ -25,7 +25,7 @@ def _decode_kernel(Q, K, V, BT, CL, QROW, SEQ, AccP, MP, LP,
     part = tl.program_id(2)
     s = tl.load(SEQ + i).to(tl.int64)
     row = tl.load(QROW + i).to(tl.int64)
-    ctx = tl.load(CL + s)
+    ctx = tl.load(CTX + i).to(tl.int32)
     start = part * part_len
     end = tl.minimum(ctx, start + part_len)
     offs_g = tl.arange(0, G_PAD)
@@ -150,7 +150,7 @@ def paged_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, md, pag
         mp = torch.empty((n, H, P), dtype=torch.float32, device=q.device)
         lp = torch.empty((n, H, P), dtype=torch.float32, device=q.device)
         _decode_kernel[(n, nkv, P)](
-            q, kc, vc, bt, md.context_lens, md.decode_rows, md.decode_seqs, accp, mp, lp,
+            q, kc, vc, bt, md.decode_ctx, md.decode_rows, md.decode_seqs, accp, mp, lp,
             q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), bt.stride(0), qk_scale, part_len, H,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=DECODE_BLOCK_N, PAGE=page,
             NUM_PARTS=P, PREC=prec, num_warps=4, num_stages=2,
