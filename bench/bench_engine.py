@@ -119,7 +119,8 @@ def bench_engine(model, prompts, olens, seed: int, max_num_seqs: int, max_tokens
         decode_roofline=dec_bytes / max(dec_time, 1e-9) / bw,
         decode_achieved_gb_s=dec_bytes / max(dec_time, 1e-9) / 1e9,
         peak_gb_s=bw / 1e9, decode_gpu_time_s=gpu_decode,
-        decode_roofline_gpu_only=dec_bytes / max(gpu_decode, 1e-9) / bw, mean_decode_batch=float(np.mean([b for _, b, _ in dec])) if dec else 0.0,
+        decode_roofline_gpu_only=dec_bytes / max(gpu_decode, 1e-9) / bw,
+        mean_decode_batch=float(np.mean([b for _, b, _ in dec])) if dec else 0.0,
         steps=stats["num_steps"], preemptions=stats["num_preemptions"], kv_blocks=stats["num_kv_blocks"],
         max_batch=stats["max_batch_size"], graph_replays=stats["num_graph_replays"],
     )
