@@ -1,0 +1,1 @@
+"""Compatibility aliases for code ported from slime / Miles (`from miles.utils.types import Sample`)."""
