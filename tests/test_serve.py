@@ -454,3 +454,27 @@ def test_engine_step_failure_is_503_and_server_recovers(http, server):
     good = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}
     ok = http.post("/generate", json=good)
     assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 4
+
+
+def test_moe_routed_experts_match_offline(tmp_path):
+    """R3: `return_routed_experts` returns SGLang's base64 int32 [tokens - 1, layers, topk] = the engine's routing."""
+    import base64
+
+    import numpy as np
+
+    ckpt = make_checkpoint(tmp_path / "moe", "qwen3_moe", seed=0)
+    prompt = [5, 6, 7, 8]
+    sp = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True, return_routed_experts=True)
+    ref = _engine(ckpt).generate([prompt], sp)[0]
+    st = serve_engine(_engine(ckpt))
+    try:
+        r = httpx.post(st.url + "/generate", trust_env=False, timeout=60, json={
+            "input_ids": prompt, "return_routed_experts": True,
+            "sampling_params": {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}}).json()
+    finally:
+        st.stop()
+    assert r["output_ids"] == ref.output_ids
+    flat = np.frombuffer(base64.b64decode(r["meta_info"]["routed_experts"]), dtype="<i4")
+    assert flat.size == (len(prompt) + 5 - 1) * 2 * 2  # 2 layers, top-2
+    np.testing.assert_array_equal(flat.reshape(-1, 2, 2), np.asarray(ref.routed_experts))
+    assert flat.min() >= 0 and flat.max() < 8

@@ -58,8 +58,10 @@ class GenOutput:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     prompt_len: int
+    progress: bool = True  # deliver every step's snapshot (streaming), else only the final one
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    last: GenOutput | None = None  # engine-thread side only
+    last: Any = None  # the engine's latest RequestOutput (engine thread only)
+    touched: float = field(default_factory=time.monotonic)  # last time the request progressed
 
 
 @dataclass
@@ -122,35 +124,42 @@ class AsyncEngine:
         fut = asyncio.wrap_future(self.submit(fn))
         return await asyncio.wait_for(fut, timeout or self.command_timeout)
 
-    async def generate(self, prompt_ids: list[int], params: Any, request_id: str) -> AsyncIterator[GenOutput]:
-        """Yield a snapshot each time the request progresses; the last one has ``finished=True``.
+    async def generate(self, prompt_ids: list[int], params: Any, request_id: str,
+                       progress: bool = True) -> AsyncIterator[GenOutput]:
+        """Yield a snapshot each time the request progresses (``progress=False``: only the final one, which
+        saves a copy of the outputs per step); the last one has ``finished=True``.
 
         Closing the iterator early (client disconnect, cancellation, timeout) aborts the request in the engine.
         Raises `ValueError` for a duplicate id or parameters the engine rejects, `EngineError` if the engine fails.
         """
-        stream = _Stream(asyncio.get_running_loop(), len(prompt_ids))
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"rid {request_id!r} is already in flight")
-            self._streams[request_id] = stream
+        stream = _Stream(asyncio.get_running_loop(), len(prompt_ids), progress)
+
+        def _add(e: Any) -> None:  # registered on the engine thread, together with the engine request
+            with self._lock:
+                if request_id in self._streams:
+                    raise ValueError(f"rid {request_id!r} is already in flight")
+            e.add_request(list(prompt_ids), params, request_id=request_id)
+            with self._lock:
+                self._streams[request_id] = stream
+
         finished = False
         try:
-            await self.call(lambda e: e.add_request(list(prompt_ids), params, request_id=request_id))
-            last_progress = time.monotonic()
+            await self.call(_add)
+            stream.touched = time.monotonic()
             while True:
                 try:
                     out = await asyncio.wait_for(stream.queue.get(), timeout=min(self.stall_timeout, 5.0))
                 except asyncio.TimeoutError:
                     if not self.alive:
                         raise EngineError(f"engine thread died: {self.error!r}") from None
+                    now = time.monotonic()
                     if self.paused or self.asleep:
-                        last_progress = time.monotonic()
-                    elif time.monotonic() - last_progress > self.stall_timeout:
+                        stream.touched = now
+                    elif now - stream.touched > self.stall_timeout:
                         raise GenerationStalled(
                             f"request {request_id} made no progress for {self.stall_timeout:.0f}s"
                         ) from None
                     continue
-                last_progress = time.monotonic()
                 if out.error is not None:
                     finished = True
                     raise EngineError(out.error)
@@ -296,6 +305,7 @@ class AsyncEngine:
         except Exception as e:
             logger.exception("engine.step() failed; failing in-flight requests")
             self.num_step_errors += 1
+            self._stop.wait(0.05)  # a persistently broken engine must not spin
             with self._lock:
                 rids = list(self._streams)
             for rid in rids:
@@ -318,9 +328,15 @@ class AsyncEngine:
                 del self._streams[rid]
         if stream is None:
             return
-        snap = GenOutput(
-            request_id=rid,
-            prompt_len=stream.prompt_len,
+        stream.last, stream.touched = o, time.monotonic()
+        if o.finished or stream.progress:
+            self._put(stream, self._snapshot(o, stream.prompt_len))
+
+    @staticmethod
+    def _snapshot(o: Any, prompt_len: int, **override: Any) -> GenOutput:
+        kw = dict(
+            request_id=o.request_id,
+            prompt_len=prompt_len,
             output_ids=list(o.output_ids),
             logprobs=[float(x) for x in (o.logprobs or [])],
             finished=bool(o.finished),
@@ -331,8 +347,8 @@ class AsyncEngine:
             routed_experts=getattr(o, "routed_experts", None) if o.finished else None,
             num_preemptions=int(getattr(o, "num_preemptions", 0) or 0),
         )
-        stream.last = snap
-        self._put(stream, snap)
+        kw.update(override)
+        return GenOutput(**kw)
 
     def _put(self, stream: _Stream, item: GenOutput) -> None:
         with contextlib.suppress(RuntimeError):  # the request's loop is closed: nobody is listening
@@ -345,21 +361,12 @@ class AsyncEngine:
             self.engine.abort(rid)
         if stream is None:
             return False
-        last = stream.last
-        self._put(
-            stream,
-            GenOutput(
-                request_id=rid,
-                prompt_len=stream.prompt_len,
-                output_ids=list(last.output_ids) if last else [],
-                logprobs=list(last.logprobs) if last else [],
-                finished=True,
-                finish_reason="abort",
-                weight_version=last.weight_version if last else self.engine.weight_version,
-                cached_tokens=last.cached_tokens if last else 0,
-                abort_message=message,
-            ),
-        )
+        msg = {"finished": True, "finish_reason": "abort", "matched_stop": None, "abort_message": message}
+        if stream.last is not None:
+            snap = self._snapshot(stream.last, stream.prompt_len, routed_experts=None, **msg)
+        else:
+            snap = GenOutput(rid, stream.prompt_len, [], [], weight_version=self.engine.weight_version, **msg)
+        self._put(stream, snap)
         return True
 
     def _abort_all(self, message: str) -> int:

@@ -128,14 +128,15 @@ class ServeState:
             raise BadRequest(f"sampling params: {e}") from None
 
     # ---------------------------------------------------------------- running
-    async def stream(self, spec: GenSpec) -> AsyncIterator[GenOutput]:
-        """Progress snapshots of one request; closing early aborts it. max_new_tokens == 0 finishes at once."""
+    async def stream(self, spec: GenSpec, progress: bool = True) -> AsyncIterator[GenOutput]:
+        """Progress snapshots of one request (`progress=False`: only the final one); closing early aborts it.
+        max_new_tokens == 0 finishes at once."""
         if spec.max_new_tokens == 0:
             yield GenOutput(spec.rid, len(spec.prompt_ids), [], [], True, "length",
                             weight_version=self.engine.engine.weight_version)
             return
         try:
-            gen = self.engine.generate(spec.prompt_ids, spec.params, spec.rid)
+            gen = self.engine.generate(spec.prompt_ids, spec.params, spec.rid, progress=progress)
         except ValueError as e:
             raise BadRequest(str(e), param="rid") from None
         async with contextlib.aclosing(gen):
@@ -147,7 +148,7 @@ class ServeState:
 
     async def run(self, spec: GenSpec) -> GenOutput:
         last = None
-        async with contextlib.aclosing(self.stream(spec)) as gen:
+        async with contextlib.aclosing(self.stream(spec, progress=False)) as gen:
             async for out in gen:
                 last = out
         assert last is not None and last.finished
