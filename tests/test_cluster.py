@@ -98,7 +98,8 @@ def test_train_cli_reports_config_errors(capsys):
 def ray_cluster():
     ray = pytest.importorskip("ray")
     here = os.path.dirname(os.path.abspath(__file__))  # actors below are defined in this module
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": here}})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": {"PYTHONPATH": here}})
     yield ray
     ray.shutdown()
 

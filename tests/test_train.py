@@ -58,7 +58,7 @@ def env(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"input": f"What is {i} + {i}?", "label": str(2 * i)}) + "\n"
                                for i in range(12)))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield {"root": root, "ckpt": str(ckpt), "prompts": str(prompts)}
     ray.shutdown()
 
@@ -133,7 +133,11 @@ def test_async_one_step_off(env):
 
 def test_resume_continues_exactly(env):
     full = _train(_argv(env, "full", "--custom-generate-function-path", "test_train.seeded_generate",
-                        "--save", str(env["root"] / "ckpt_full"), "--save-interval", "2", steps=4))
+                        "--save", str(env["root"] / "ckpt_full"), "--save-interval", "2",
+                        "--save-hf", str(env["root"] / "hf" / "step_{rollout_id}"), steps=4))
+    for rid in (1, 3):  # --save-hf exports at every save
+        hf = env["root"] / "hf" / f"step_{rid}"
+        assert (hf / "config.json").exists() and list(hf.glob("*.safetensors")), rid
     resumed = _train(_argv(env, "resumed", "--custom-generate-function-path", "test_train.seeded_generate",
                            "--load", str(env["root"] / "ckpt_full" / "iter_0000002"), steps=4))
     assert [m["step"] for m in resumed] == [2, 3]
@@ -173,3 +177,29 @@ def test_stuck_phase_times_out_with_stacks(env):
                      "--debug-rollout-only"))
     stacks = list(run.glob("stacks-rollout-*.txt"))
     assert stacks and "stuck_rollout" in stacks[0].read_text()
+
+
+def test_debug_rollout_only(env):
+    hist = _train(_argv(env, "rollout_only", "--debug-rollout-only", steps=1))
+    assert hist[0]["rollout/num_samples"] == 4
+    assert not any(k.startswith(("train/", "weight_sync/")) for k in hist[0])
+
+
+def test_external_engine_with_disk_sync(env):
+    """--rollout-external-engine-addrs: Miles launches no engine, generates through the given server and
+    syncs weights into it through the disk transport."""
+    import httpx
+
+    from miles.engine import EngineConfig, LLMEngine
+    from miles.serve.launch import serve_engine
+
+    server = serve_engine(LLMEngine(EngineConfig(model=env["ckpt"], kv_cache_tokens=2048, max_num_seqs=8)),
+                          model_path=env["ckpt"])
+    try:
+        hist = _train(_argv(env, "external", "--rollout-external-engine-addrs", server.url.removeprefix("http://"),
+                            steps=2))
+        assert [m["weight_sync/version"] for m in hist] == [1, 2]
+        assert [m["rollout/weight_versions"] for m in hist] == [["0"], ["1"]]
+        assert httpx.get(server.url + "/get_weight_version").json()["weight_version"] == "2"
+    finally:
+        server.stop()
