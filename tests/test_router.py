@@ -202,3 +202,31 @@ def test_router_api_key_and_no_worker(cluster):
                           trust_env=False).status_code == 200
         no = httpx.post(r.url + "/generate", json=body, headers=auth, trust_env=False, timeout=30)
         assert no.status_code == 503 and "no healthy worker" in no.json()["error"]["message"]
+
+
+def test_client_disconnect_through_router_aborts_on_worker(cluster):
+    router, workers = cluster
+
+    def inflight():
+        return sum(httpx.get(w.url + "/get_server_info", trust_env=False).json()["stats"]["num_inflight"]
+                   for w in workers)
+
+    errors: list = []
+
+    def client():
+        try:
+            _gen(httpx.Client(base_url=router.url, trust_env=False), [3, 4], 50, timeout=httpx.Timeout(60, read=3.0))
+        except httpx.ReadTimeout as e:
+            errors.append(e)
+
+    with httpx.Client(base_url=router.url, timeout=60, trust_env=False) as c:
+        assert c.post("/pause_generation", json={"mode": "in_place"}).status_code == 200
+        try:
+            t = threading.Thread(target=client)
+            t.start()
+            _wait(lambda: inflight() == 1, what="request queued on a paused worker")
+            t.join(30)
+            assert len(errors) == 1  # the client gave up
+            _wait(lambda: inflight() == 0, timeout=10, what="worker-side abort after the client left")
+        finally:
+            assert c.post("/continue_generation").status_code == 200

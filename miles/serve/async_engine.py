@@ -176,6 +176,10 @@ class AsyncEngine:
         with contextlib.suppress(EngineError):
             self.submit(lambda e: self._abort(request_id, "aborted"))
 
+    async def abort_request(self, request_id: str, message: str = "aborted") -> bool:
+        """Abort one request and wait until it is aborted; False if it was not in flight."""
+        return await self.call(lambda e: self._abort(request_id, message))
+
     async def abort_all(self, message: str = "aborted") -> int:
         """Abort every in-flight request; returns how many were aborted."""
         return await self.call(lambda e: self._abort_all(message))

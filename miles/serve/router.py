@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from miles.serve.protocol import error_body
+from miles.serve.state import DISCONNECTED, cancel_on_disconnect
 
 logger = logging.getLogger("miles.router")
 
@@ -174,9 +175,8 @@ class Router:
         headers.update(self._worker_headers())
         return headers
 
-    async def forward(self, request: Request, path: str) -> Response:
+    async def forward(self, request: Request, path: str, body: bytes) -> Response:
         """Send the request to one worker, retrying on another if the worker fails before answering."""
-        body = await request.body()
         headers = self._forward_headers(request)
         key = request.headers.get(self.cfg.routing_key_header)
         tried: set[str] = set()
@@ -236,9 +236,8 @@ class Router:
             w.outstanding -= 1
             await resp.aclose()
 
-    async def fanout(self, request: Request, path: str) -> Response:
+    async def fanout(self, request: Request, path: str, body: bytes) -> Response:
         """Send the request to every worker (healthy ones, plus all for aborts); the worst status wins."""
-        body = await request.body()
         headers = self._forward_headers(request)
         targets = [w for w in self.workers.values() if w.healthy or path == "/abort_request"]
         if not targets:
@@ -246,8 +245,9 @@ class Router:
 
         async def one(w: Worker) -> tuple[int, bytes, str]:
             try:
+                timeout = 30.0 if path == "/abort_request" else httpx.USE_CLIENT_DEFAULT
                 r = await self.client.request(request.method, w.url + path, content=body, headers=headers,
-                                              params=request.query_params)
+                                              params=request.query_params, timeout=timeout)
                 return r.status_code, r.content, r.headers.get("content-type", "application/json")
             except httpx.HTTPError as e:
                 err = error_body(f"{w.url}: {type(e).__name__}: {e}", 502)
@@ -340,9 +340,11 @@ def build_router_app(cfg: RouterConfig) -> FastAPI:
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
     async def proxy(request: Request, path: str) -> Response:
         path = "/" + path
+        body = await request.body()  # read fully before watching for a disconnect
         if path in FANOUT_PATHS:
-            return await router.fanout(request, path)
-        return await router.forward(request, path)
+            return await router.fanout(request, path, body)
+        resp = await cancel_on_disconnect(request, router.forward(request, path, body))
+        return Response(status_code=499) if resp is DISCONNECTED else resp
 
     return app
 

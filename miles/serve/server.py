@@ -277,7 +277,7 @@ def build_app(engine: AsyncEngine, cfg: ServerConfig) -> FastAPI:
         if req.abort_all:
             await engine.abort_all(req.abort_message or "aborted by /abort_request")
         elif req.rid:
-            await engine.call(lambda e: engine._abort(req.rid, req.abort_message or "aborted by /abort_request"))
+            await engine.abort_request(req.rid, req.abort_message or "aborted by /abort_request")
         return Response(status_code=200)
 
     # ---------------------------------------------------------------- health and info
