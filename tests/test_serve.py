@@ -386,6 +386,7 @@ BAD = [
                               "max_tokens": CTX * 2}, 400, "context length"),
     ("/update_weights_from_disk", {}, 400, "model_path: field required"),
     ("/pause_generation", {"mode": "sideways"}, 400, "mode"),
+    ("/update_weights_from_tensor", {"serialized_named_tensors": ["x"]}, 404, "no route"),
 ]
 
 

@@ -58,7 +58,9 @@ def _finish(out: GenOutput) -> str | None:
 def _usage(specs: list[GenSpec], outs: list[GenOutput], n: int) -> dict:
     prompt = sum(len(s.prompt_ids) for s in specs[::n])
     completion = sum(len(o.output_ids) for o in outs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(o.cached_tokens for o in outs[::n])
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _holdback(text: str, stops: list[str]) -> int:

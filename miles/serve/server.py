@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from miles.serve.async_engine import AsyncEngine, EngineError, GenerationStalled
 from miles.serve.protocol import (
@@ -225,6 +226,11 @@ def build_app(engine: AsyncEngine, cfg: ServerConfig) -> FastAPI:
     app.state.serve = state
     if cfg.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=cfg.api_key)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return error_response(msg, e.status_code)
 
     @app.exception_handler(BadRequest)
     async def _bad_request(request: Request, e: BadRequest) -> JSONResponse:
