@@ -203,3 +203,23 @@ def test_external_engine_with_disk_sync(env):
         assert httpx.get(server.url + "/get_weight_version").json()["weight_version"] == "2"
     finally:
         server.stop()
+
+
+def test_partial_rollout_filter_buffer_is_checkpointed(env):
+    """DAPO filter + over-sampling + --partial-rollout through real engines; `--save D --load D` auto-resume:
+    the first launch starts fresh, the second continues after the saved step with the saved buffer."""
+    from miles.cluster import checkpoint as ckpt
+
+    save = str(env["root"] / "ckpt_partial")
+    extra = ("--over-sampling-batch-size", "4", "--partial-rollout", "--save", save, "--load", save,
+             "--save-interval", "1", "--dynamic-sampling-filter-path",
+             "miles.rollout.filters.check_reward_nonzero_std")
+    first = _train(_argv(env, "partial", *extra, steps=1))
+    m = first[0]
+    assert m["rollout/num_samples"] == 4 and m["rollout/groups_generated"] >= 2
+    state = ckpt.load_loop_state(ckpt.latest_checkpoint(save))
+    assert state["next_rollout_id"] == 1
+    assert len(state["data_source"]["buffer"]) == m["rollout/buffer_length"]
+    assert state["data_source"]["group_index"] == m["rollout/groups_generated"]
+    second = _train(_argv(env, "partial2", *extra, steps=2))
+    assert [r["step"] for r in second] == [1] and second[0]["weight_sync/version"] == 2

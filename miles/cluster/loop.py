@@ -196,11 +196,11 @@ class RLLoop:
             try:
                 path = ckpt.latest_checkpoint(args.load)
             except FileNotFoundError:
-                if os.path.isdir(args.load) and not os.listdir(args.load):
-                    logger.warning("--load %s is empty: starting from --hf-checkpoint", args.load)
-                    path = None
-                else:
+                # slime's auto-resume pattern `--save D --load D`: the first launch finds no checkpoint yet
+                if args.load != args.save or (os.path.isdir(args.load) and os.listdir(args.load)):
                     raise
+                logger.warning("--load %s has no checkpoint yet: starting from --hf-checkpoint", args.load)
+                path = None
             if path is not None:
                 state = ckpt.load_loop_state(path)
                 if self.cluster.trainers:
