@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import threading
 import time
+import urllib.parse
 
 import httpx
 import openai
@@ -145,6 +146,11 @@ def test_add_remove_list_workers(cluster):
         r = c.post("/add_worker", json={"url": b})
         assert r.status_code == 200 and r.json()["worker"]["healthy"] is True
         assert sorted(c.get("/list_workers").json()["urls"]) == sorted([a, b])
+        # SGLang-gateway style endpoints
+        assert c.delete("/workers/" + urllib.parse.quote(b, safe="")).json()["success"] is True
+        assert [w["url"] for w in c.get("/workers").json()["workers"]] == [a]
+        assert c.post("/workers", json={"url": b}).json()["worker"]["healthy"] is True
+        assert sorted(w["url"] for w in c.get("/workers").json()["workers"]) == sorted([a, b])
 
 
 def test_worker_killed_mid_traffic_then_readmitted(cluster, ckpt):

@@ -479,3 +479,17 @@ def test_moe_routed_experts_match_offline(tmp_path):
     assert flat.size == (len(prompt) + 5 - 1) * 2 * 2  # 2 layers, top-2
     np.testing.assert_array_equal(flat.reshape(-1, 2, 2), np.asarray(ref.routed_experts))
     assert flat.min() >= 0 and flat.max() < 8
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    from miles.serve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "missing")])
+    assert e.value.code == 2 and "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), "--max-num-seqs", "many"])
+    assert e.value.code == 2 and "--max-num-seqs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), "--block-size", "0"])
+    assert e.value.code == 2 and "block_size" in capsys.readouterr().err

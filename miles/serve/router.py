@@ -6,7 +6,8 @@
 - A request whose worker fails before answering (connection refused/reset, 5xx) is retried on another healthy
   worker, so clients see no error while one healthy worker remains. A broken SSE stream ends with an error event.
 - Control endpoints (/abort_request, /pause_generation, weight updates, memory release, ...) fan out to all workers.
-- Runtime membership: POST /add_worker, POST /remove_worker (`?url=` or JSON `{"url": ...}`), GET /list_workers.
+- Runtime membership: POST /add_worker, POST /remove_worker (`?url=` or JSON `{"url": ...}`), GET /list_workers;
+  gateway style: GET/POST /workers, DELETE /workers/{url}.
 """
 
 from __future__ import annotations
@@ -319,6 +320,16 @@ def build_router_app(cfg: RouterConfig) -> FastAPI:
     @app.get("/workers")
     async def workers() -> dict:
         return {"workers": [w.info() for w in router.workers.values()]}
+
+    @app.post("/workers")  # SGLang model gateway style registration
+    async def register_worker(request: Request) -> JSONResponse:
+        return await add_worker(request)
+
+    @app.delete("/workers/{worker_id:path}")
+    async def delete_worker(worker_id: str) -> JSONResponse:
+        if not router.remove(worker_id):
+            return JSONResponse(error_body(f"no worker {normalize_url(worker_id)!r}", 404, "url"), 404)
+        return JSONResponse({"success": True})
 
     @app.post("/add_worker")
     async def add_worker(request: Request) -> JSONResponse:
