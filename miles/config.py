@@ -328,6 +328,29 @@ class MilesConfig:
         raise AttributeError(f"MilesConfig has no group {name!r} (groups: {sorted(groups)})")
 
 
+def _drop_sglang_args(parser: argparse.ArgumentParser, unknown: list[str]) -> list[str]:
+    """slime re-exposes every SGLang server flag as `--sglang-*`; Miles' engine has its own options, so such
+    flags (and their values) are accepted and ignored with a warning. Anything else unknown is an error."""
+    ignored, rest, skipping = [], [], False
+    for tok in unknown:
+        if tok.startswith("--sglang-"):
+            ignored.append(tok)
+            skipping = True
+        elif skipping and not tok.startswith("-"):
+            ignored.append(tok)
+        else:
+            skipping = False
+            rest.append(tok)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if ignored:
+        import logging
+
+        logging.getLogger(__name__).warning("ignoring SGLang server flags (not used by Miles' engine): %s",
+                                            " ".join(ignored))
+    return ignored
+
+
 def parse_config(
     argv: Sequence[str] | None = None,
     groups: Sequence[tuple[str, type, str]] | None = None,
@@ -344,7 +367,8 @@ def parse_config(
     known, _ = pre.parse_known_args(argv)
     if known.config:
         info.parser.set_defaults(**load_yaml_config(known.config, info))
-    args = info.parser.parse_args(argv)
+    args, unknown = info.parser.parse_known_args(argv)
+    args.ignored_sglang_args = _drop_sglang_args(info.parser, unknown)
     for dest, source in info.mirrors.items():
         setattr(args, dest, getattr(args, source))
     missing = [s.flags[0] for s in info.specs.values() if s.required and getattr(args, s.name) is None]
@@ -496,6 +520,11 @@ def validate(args: argparse.Namespace) -> None:
         )
         external = _get(args, "rollout_external_engine_addrs")
         need(rg > 0 or bool(external), "--rollout-num-gpus 0 needs --rollout-external-engine-addrs")
+        need(
+            per == 1,
+            f"--rollout-num-gpus-per-engine {per}: tensor-parallel engines are not supported yet; use 1 "
+            "(and more engines)",
+        )
         if _get(args, "colocate"):
             actor = _get(args, "actor_num_nodes", 1) * _get(args, "actor_num_gpus_per_node", 1)
             need(

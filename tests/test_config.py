@@ -107,7 +107,7 @@ def test_full_parse_fills_slime_names_and_derived_values():
     assert a.global_batch_size == 4 and a.over_sampling_batch_size == 4
     assert a.rollout_num_gpus == 2 and a.offload_train is True and a.offload_rollout is True
     assert a.update_weight_transport == "ipc"
-    assert a.temperature == 0.7 == a.rollout_temperature  # trainer's temperature mirrors --rollout-temperature
+    assert a.rollout_temperature == 0.7
     assert cfg.cluster.colocate is True and cfg.checkpoint.hf_checkpoint == "/m"
     assert not hasattr(cfg.args, "async") and cfg.args.async_train is False
     d = parse_config(BASE).args
@@ -132,6 +132,7 @@ def test_full_parse_fills_slime_names_and_derived_values():
         (["--rollout-num-gpus", "3", "--rollout-num-gpus-per-engine", "2"],
          "--rollout-num-gpus (3) must be a multiple of --rollout-num-gpus-per-engine (2)"),
         (["--colocate", "--rollout-num-gpus", "2"], "cannot exceed the trainer's devices"),
+        (["--rollout-num-gpus", "2", "--rollout-num-gpus-per-engine", "2"], "tensor-parallel engines"),
         (["--kl-coef", "0.1", "--kl-loss-coef", "0.1"], "--kl-coef and --kl-loss-coef"),
         (["--rollout-external-engine-addrs", "h:1", "--update-weight-transport", "collective"],
          "--rollout-external-engine-addrs only supports --update-weight-transport disk"),
@@ -161,3 +162,27 @@ def test_load_debug_rollout_data_implies_train_only():
     args.prompt_data = None
     validate(args)
     assert args.debug_train_only is True
+
+
+def test_sglang_server_flags_are_ignored_other_unknown_flags_fail(capsys):
+    cfg = parse_config(BASE + ["--sglang-mem-fraction-static", "0.7", "--sglang-enable-metrics", "--colocate"])
+    assert cfg.args.colocate is True
+    assert cfg.args.ignored_sglang_args == ["--sglang-mem-fraction-static", "0.7", "--sglang-enable-metrics"]
+    with pytest.raises(SystemExit):
+        parse_config(BASE + ["--tensor-model-parallel-size", "2"])
+    assert "unrecognized arguments: --tensor-model-parallel-size 2" in capsys.readouterr().err
+
+
+@dataclass
+class _A:
+    rollout_temperature: float = flag(1.0, "sampling temperature")
+
+
+@dataclass
+class _B:
+    temperature: float = flag(1.0, "same flag, other name", flag="--rollout-temperature")
+
+
+def test_field_sharing_another_fields_flag_mirrors_it():
+    cfg = parse_config(["--rollout-temperature", "0.5"], groups=[("a", _A, ""), ("b", _B, "")], check=False)
+    assert cfg.a.rollout_temperature == 0.5 and cfg.b.temperature == 0.5

@@ -25,7 +25,7 @@ class ClusterConfig:
         None, "devices for rollout engines (default: the trainer's with --colocate, else 1); 0 = no local engines"
     )
     rollout_num_gpus_per_engine: int = flag(1, "devices per engine (its tensor-parallel size)")
-    num_gpus_per_node: int = flag(8, "devices per node, used to place engines")
+    num_gpus_per_node: int = flag(8, "devices per node (accepted for slime compatibility; Ray packs the bundles)")
     colocate: bool = flag(False, "trainer and engines share devices; engines sleep while training, trainer offloads")
     offload_train: bool | None = flag(None, "offload trainer state during rollout (default: on with --colocate)")
     offload_rollout: bool | None = flag(None, "release engine memory during training (default: on with --colocate)")
