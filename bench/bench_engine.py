@@ -79,13 +79,13 @@ def weight_bytes_per_decode_step(model, batch: int) -> float:
     return total
 
 
-def bench_engine(model, prompts, olens, seed: int, max_num_seqs: int, max_tokens: int) -> dict:
+def bench_engine(model, prompts, olens, seed: int, max_num_seqs: int, max_tokens: int, compile: bool) -> dict:
     from miles.engine import EngineConfig, LLMEngine, SamplingParams
 
     max_len = max(len(p) + o for p, o in zip(prompts, olens)) + 16
     cfg = EngineConfig(model="<in-memory>", device="cuda", dtype="bfloat16", max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_tokens, max_model_len=max_len, load_tokenizer=False,
-                       cuda_graph_max_bs=max_num_seqs, seed=seed)
+                       cuda_graph_max_bs=max_num_seqs, seed=seed, compile=compile)
     t = time.perf_counter()
     engine = LLMEngine(cfg, model=model)
     engine.capture_cuda_graphs()
@@ -131,6 +131,38 @@ def bench_engine(model, prompts, olens, seed: int, max_num_seqs: int, max_tokens
     return res
 
 
+def profile_decode(model, compile: bool, batch: int = 128, ctx: int = 900) -> None:
+    """Kernel-time table of eager decode steps (batch x ctx), then graph-replayed step times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from miles.engine import EngineConfig, LLMEngine, SamplingParams
+
+    cfg = EngineConfig(model="<in-memory>", device="cuda", dtype="bfloat16", max_num_seqs=batch, max_model_len=2064,
+                       load_tokenizer=False, cuda_graph_max_bs=batch, compile=compile, num_kv_blocks=batch * 70)
+    engine = LLMEngine(cfg, model=model)
+    engine.capture_cuda_graphs()
+    rng = np.random.default_rng(1)
+    for i in range(batch):
+        engine.add_request(rng.integers(0, model.config.vocab_size, ctx).tolist(),
+                           SamplingParams(max_new_tokens=64, ignore_eos=True, seed=i))
+    while engine.scheduler.waiting or any(s.num_output == 0 for s in engine.scheduler.running):
+        engine.step()
+    engine.runner.use_cuda_graphs = False
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine.step()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22), flush=True)
+    engine.runner.use_cuda_graphs = True
+    engine.runner.event_log = []
+    t0 = time.perf_counter()
+    for _ in range(20):
+        engine.step()
+    wall = (time.perf_counter() - t0) / 20
+    gpu = np.mean([a.elapsed_time(b) for a, b, _, _ in engine.runner.event_log])
+    print(f"graph decode step batch={batch} ctx~{ctx}: wall {wall * 1e3:.2f} ms, gpu {gpu:.2f} ms", flush=True)
+    engine.runner.free_cache()
+
+
 @torch.inference_mode()
 def bench_hf(hf, prompts, olens, batch: int) -> dict:
     t_total, generated, useful = 0.0, 0, 0
@@ -167,16 +199,22 @@ def main(argv=None) -> None:
     ap.add_argument("--min-len", type=int, default=100)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch.compile the CUDA-graph decode forward")
+    ap.add_argument("--profile", action="store_true", help="print a kernel profile of one eager decode step")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args(argv)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for shape in args.shape or ["dense", "moe"]:
         hf, model = build_models(shape, args.num_layers)
+        if args.profile:
+            profile_decode(model, args.compile)
         prompts, olens = make_requests(args.num_requests, model.config.vocab_size, args.seed, args.min_len,
                                        args.max_len)
-        r = dict(shape=shape, layers=model.config.num_hidden_layers, requests=args.num_requests,
+        r = dict(compile=args.compile, shape=shape, layers=model.config.num_hidden_layers, requests=args.num_requests,
                  output_tokens=sum(olens), params_b=sum(p.numel() for p in model.parameters()) / 1e9)
-        r.update(bench_engine(model, prompts, olens, args.seed, args.max_num_seqs, args.max_num_batched_tokens))
+        r.update(bench_engine(model, prompts, olens, args.seed, args.max_num_seqs, args.max_num_batched_tokens,
+                              args.compile))
         del model
         gc.collect()
         torch.cuda.empty_cache()

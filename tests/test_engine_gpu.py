@@ -41,7 +41,7 @@ def _mixed_batch(dtype, D=128, H=16, nkv=8, bs=16, specs=((700, 700), (1000, 1),
     md = AttnMetadata(torch.tensor(slots, device=dev), bt,
                       torch.tensor(clens, **i32), torch.tensor(qs, **i32), torch.tensor(qlens, **i32), qlens, clens,
                       torch.tensor([qs[i] for i in dec], **i32), torch.tensor(dec, **i32),
-                      torch.tensor(tiles, **i32).reshape(-1, 2))
+                      torch.tensor([clens[i] for i in dec], **i32), torch.tensor(tiles, **i32).reshape(-1, 2))
     T = len(slots)
     q, k, v = (torch.randn(T, h, D, generator=g).to(dev, dtype) for h in (H, nkv, nkv))
     return cache, md, q, k, v
@@ -79,9 +79,11 @@ def test_gpu_engine_greedy_matches_transformers_fp32(tmp_path, arch):
         assert engine.runner.num_graph_replays > 0  # decode ran through CUDA graphs
 
 
-def test_gpu_engine_bf16_logprobs_close_to_full_forward(tmp_path):
+@pytest.mark.parametrize("compile", [False, True])
+def test_gpu_engine_bf16_logprobs_close_to_full_forward(tmp_path, compile):
     path = make_checkpoint(tmp_path / "m", "qwen3_moe", num_hidden_layers=2)
-    engine = LLMEngine(EngineConfig(str(path), device="cuda", dtype="bfloat16", num_kv_blocks=256, max_num_seqs=16))
+    engine = LLMEngine(EngineConfig(str(path), device="cuda", dtype="bfloat16", num_kv_blocks=256, max_num_seqs=16,
+                                    compile=compile))
     tok = engine.tokenizer
     prompts = [tok.encode(f"What is {i} + {i * 7}? Let us think step by step.") for i in range(12)]
     params = SamplingParams(temperature=1.0, max_new_tokens=48, seed=0, ignore_eos=True)
@@ -94,7 +96,7 @@ def test_gpu_engine_bf16_logprobs_close_to_full_forward(tmp_path):
             h = engine.model(full, torch.arange(len(full), device="cuda"), VarlenAttention.from_lengths([len(full)]))
             lp, _ = token_logprobs(h[len(ids) - 1 : -1], engine.model.lm_head_weight, full[len(ids) :])
         worst = max(worst, (lp.cpu() - torch.tensor(out.logprobs)).abs().max().item())
-    print(f"bf16 MoE engine vs full-forward logprob max |diff| = {worst:.3e}")
+    print(f"bf16 MoE engine (compile={compile}) vs full-forward logprob max |diff| = {worst:.3e}")
     assert worst < 0.1
 
 

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+try:  # CUDA kernels; absent (no triton) on CPU-only installs
+    from miles.engine.triton_attention import paged_attention as triton_paged_attention
+except ImportError:
+    triton_paged_attention = None
+
 
 class KVCache:
     """K and V for all layers: [layers, num_slots, n_kv, head_dim] each, slot = block_id * block_size + offset.
@@ -50,8 +55,8 @@ class AttnMetadata:
     context_lens: torch.Tensor  # [S] int32
     query_start: torch.Tensor  # [S] int32
     query_lens: torch.Tensor  # [S] int32
-    query_lens_cpu: list[int]
-    context_lens_cpu: list[int]
+    query_lens_cpu: list[int] | None  # SDPA path only
+    context_lens_cpu: list[int] | None
     # Triton only: sequences with one query token go to the decode kernel (their flat row, block-table row and
     # context length), longer queries to the prefill kernel in tiles of (sequence index, first query offset).
     decode_rows: torch.Tensor | None = None  # [Sd] int32
@@ -70,13 +75,11 @@ class PagedAttention:
         self._gather: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            return triton_paged_attention(layer_idx, q, k, v, self.cache, self.md, self.num_partitions, self.part_len)
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
         kc.index_copy_(0, self.md.slot_mapping, k.to(kc.dtype))
         vc.index_copy_(0, self.md.slot_mapping, v.to(vc.dtype))
-        if self.use_triton:
-            from miles.engine.triton_attention import paged_attention
-
-            return paged_attention(q, kc, vc, self.md, self.cache.block_size, self.num_partitions, self.part_len)
         return self._sdpa(q, kc, vc)
 
     def _gather_plan(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

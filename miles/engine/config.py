@@ -21,6 +21,7 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
+    compile: bool = False  # torch.compile the CUDA-graph decode forward (fuses the model's elementwise ops)
     cuda_graph_max_bs: int = 256
     seed: int = 0
     max_model_len: int | None = None  # default: the model's max_position_embeddings

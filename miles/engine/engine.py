@@ -78,7 +78,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         use_graphs = device.type == "cuda" and not config.enforce_eager
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.max_model_len,
-                                  config.max_num_seqs, use_graphs, config.cuda_graph_max_bs)
+                                  config.max_num_seqs, use_graphs, config.cuda_graph_max_bs, config.compile)
         self.scheduler.on_release = self.runner.release
         self.weight_version = 0
         self.stats = EngineStats()

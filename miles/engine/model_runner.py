@@ -35,7 +35,7 @@ class ModelRunner:
     """Owns the KV cache and (on CUDA) the decode graphs for one model."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_model_len: int,
-                 max_num_seqs: int, use_cuda_graphs: bool, graph_max_bs: int = 256):
+                 max_num_seqs: int, use_cuda_graphs: bool, graph_max_bs: int = 256, compile: bool = False):
         self.model, self.config = model, model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -47,6 +47,9 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs and self.use_triton and graph_safe
         self.graph_max_bs = min(graph_max_bs, max_num_seqs)
         self.max_num_seqs = max_num_seqs
+        # torch.compile the graph-captured decode forward (fuses the model's elementwise ops); its graphs do not
+        # record MoE routing, so batches that want routed experts then run eagerly
+        self.compile = compile and self.use_cuda_graphs
         self.is_moe = self.config.is_moe
         self.cache: KVCache | None = None
         self._static: dict[str, torch.Tensor] | None = None
@@ -135,7 +138,8 @@ class ModelRunner:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
         pure_decode = all(k == 1 for _, k in batch) and all(s.num_computed + 1 == len(s) for s, _ in batch)
-        if self.use_cuda_graphs and pure_decode and n <= self.graph_max_bs:
+        graph_ok = not (want_routing and self.is_moe and self.compile)
+        if self.use_cuda_graphs and pure_decode and n <= self.graph_max_bs and graph_ok:
             logits, routed = self._replay(batch, want_routing and self.is_moe)
         else:
             input_ids, positions, md, sample_rows = self._metadata(batch)
@@ -176,14 +180,17 @@ class ModelRunner:
             self._free_rows.append(seq.bt_row)
         seq.bt_row, seq.bt_synced = -1, 0
 
-    def _graph_attn(self, b: int) -> PagedAttention:
-        s = self._static_buffers()
-        inp = s["inp"]
-        md = AttnMetadata(inp[2, :b], s["bt"], inp[3, :b], s["rows"][:b], s["ones"][:b], [1] * b, [1] * b,
-                          decode_rows=s["rows"][:b], decode_seqs=inp[4, :b], decode_ctx=inp[3, :b],
-                          prefill_tiles=torch.zeros(0, 2, dtype=torch.int32, device=self.device))
-        p, plen = self._partitions(b, self.max_model_len)
-        return PagedAttention(self.cache, md, True, p, plen)
+    def _graph_forward(self, inp: torch.Tensor, rows: torch.Tensor, routing: RoutingCapture | None) -> torch.Tensor:
+        """Decode forward over static inputs `inp` [5, b] -> logits [b, V] (what each graph captures)."""
+        b = rows.shape[0]
+        md = AttnMetadata(inp[2], self._static["bt"], inp[3], rows, rows, None, None, decode_rows=rows,
+                          decode_seqs=inp[4], decode_ctx=inp[3], prefill_tiles=None)
+        if self.compile:  # one partition count for all buckets: no recompilation per batch size
+            p, plen = self._graph_partitions
+        else:
+            p, plen = self._partitions(b, self.max_model_len)
+        attn = PagedAttention(self.cache, md, True, p, plen)
+        return self.model.compute_logits(self.model(inp[0], inp[1], attn, routing))
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -194,16 +201,21 @@ class ModelRunner:
         inp = s["inp"]
         inp[2].fill_(self.cache.scratch_slot)
         inp[4].fill_(self.max_num_seqs)
+        from miles.engine.triton_attention import partition_len
+
+        parts = max(1, min(8, math.ceil(self.max_model_len / 512)))
+        self._graph_partitions = (parts, partition_len(self.max_model_len, parts))
+        fwd = torch.compile(self._graph_forward, dynamic=True) if self.compile else self._graph_forward
         pool = None
         for b in reversed(graph_buckets(self.graph_max_bs)):
-            attn = self._graph_attn(b)
-            routing = RoutingCapture() if self.is_moe else None
-            for _ in range(2):  # warm up: Triton compilation, cuBLAS workspaces
-                self.model.compute_logits(self.model(inp[0, :b], inp[1, :b], attn, routing))
+            routing = RoutingCapture() if (self.is_moe and not self.compile) else None
+            args = (inp[:, :b], s["rows"][:b], routing)
+            for _ in range(2):  # warm up: compilation, cuBLAS workspaces
+                fwd(*args)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                logits = self.model.compute_logits(self.model(inp[0, :b], inp[1, :b], attn, routing))
+                logits = fwd(*args)
             pool = g.pool()
             self.graphs[b] = (g, logits, routing)
         torch.cuda.synchronize()

@@ -133,36 +133,68 @@ def partition_len(max_len: int, num_partitions: int) -> int:
     return max(DECODE_BLOCK_N, math.ceil(per / DECODE_BLOCK_N) * DECODE_BLOCK_N)
 
 
-def paged_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, md, page: int,
-                    num_partitions: int, part_len: int) -> torch.Tensor:
-    """q [T, H, D]; kc/vc [slots, n_kv, D] (this layer's cache, already holding this step's k/v)."""
+def _paged_attention(q, kc, vc, bt, decode_ctx, decode_rows, decode_seqs, context_lens, query_start, query_lens,
+                     prefill_tiles, page: int, num_partitions: int, part_len: int) -> torch.Tensor:
     T, H, D = q.shape
     nkv = kc.shape[1]
     G = H // nkv
     out = torch.empty_like(q)
     qk_scale = _LOG2E / math.sqrt(D)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays exact; bf16/fp16 ignore it
-    bt = md.block_tables
-    if md.decode_rows is not None and md.decode_rows.numel() > 0:
-        n = md.decode_rows.numel()
+    if decode_rows is not None and decode_rows.numel() > 0:
+        n = decode_rows.numel()
         P = num_partitions
         accp = torch.empty((n, H, P, D), dtype=torch.float32, device=q.device)
         mp = torch.empty((n, H, P), dtype=torch.float32, device=q.device)
         lp = torch.empty((n, H, P), dtype=torch.float32, device=q.device)
         _decode_kernel[(n, nkv, P)](
-            q, kc, vc, bt, md.decode_ctx, md.decode_rows, md.decode_seqs, accp, mp, lp,
+            q, kc, vc, bt, decode_ctx, decode_rows, decode_seqs, accp, mp, lp,
             q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), bt.stride(0), qk_scale, part_len, H,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=DECODE_BLOCK_N, PAGE=page,
             NUM_PARTS=P, PREC=prec, num_warps=4, num_stages=2,
         )
         _reduce_kernel[(n, H)](
-            accp, mp, lp, out, md.decode_rows, out.stride(0), out.stride(1), H,
+            accp, mp, lp, out, decode_rows, out.stride(0), out.stride(1), H,
             NUM_PARTS=P, P_PAD=max(2, triton.next_power_of_2(P)), D=D, num_warps=4,
         )
-    if md.prefill_tiles is not None and md.prefill_tiles.shape[0] > 0:
-        _prefill_kernel[(md.prefill_tiles.shape[0], H)](
-            q, kc, vc, out, bt, md.context_lens, md.query_start, md.query_lens, md.prefill_tiles,
+    if prefill_tiles is not None and prefill_tiles.shape[0] > 0:
+        _prefill_kernel[(prefill_tiles.shape[0], H)](
+            q, kc, vc, out, bt, context_lens, query_start, query_lens, prefill_tiles,
             q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), bt.stride(0), out.stride(0), out.stride(1), qk_scale,
             G=G, D=D, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=64, PAGE=page, PREC=prec, num_warps=4, num_stages=2,
         )
     return out
+
+
+_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor slot_mapping, "
+    "Tensor block_tables, Tensor? decode_ctx, Tensor? decode_rows, Tensor? decode_seqs, Tensor? context_lens, "
+    "Tensor? query_start, Tensor? query_lens, Tensor? prefill_tiles, int page, int num_partitions, int part_len) "
+    "-> Tensor"
+)
+
+
+@torch.library.custom_op("miles::paged_attention", mutates_args=("k_cache", "v_cache"), schema=_SCHEMA)
+def paged_attention_op(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, decode_ctx, decode_rows,
+                       decode_seqs, context_lens, query_start, query_lens, prefill_tiles, page, num_partitions,
+                       part_len):
+    """Write this step's k/v into layer `layer` of the paged cache, then attend (an opaque op for torch.compile)."""
+    kc, vc = k_cache[layer], v_cache[layer]
+    kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
+    vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
+    return _paged_attention(q, kc, vc, block_tables, decode_ctx, decode_rows, decode_seqs, context_lens, query_start,
+                            query_lens, prefill_tiles, page, num_partitions, part_len)
+
+
+@paged_attention_op.register_fake
+def _(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, decode_ctx, decode_rows, decode_seqs,
+      context_lens, query_start, query_lens, prefill_tiles, page, num_partitions, part_len):
+    return torch.empty_like(q)
+
+
+def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, md, num_partitions: int,
+                    part_len: int) -> torch.Tensor:
+    """q [T, H, D], k/v [T, n_kv, D] of layer `layer`: cache write + decode / prefill kernels."""
+    return paged_attention_op(q, k, v, cache.k, cache.v, layer, md.slot_mapping, md.block_tables, md.decode_ctx,
+                              md.decode_rows, md.decode_seqs, md.context_lens, md.query_start, md.query_lens,
+                              md.prefill_tiles, cache.block_size, num_partitions, part_len)
