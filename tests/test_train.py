@@ -223,3 +223,32 @@ def test_partial_rollout_filter_buffer_is_checkpointed(env):
     assert state["data_source"]["group_index"] == m["rollout/groups_generated"]
     second = _train(_argv(env, "partial2", *extra, steps=2))
     assert [r["step"] for r in second] == [1] and second[0]["weight_sync/version"] == 2
+
+
+def test_cli_with_yaml_config_joins_running_cluster(env, tmp_path):
+    """`miles train --config run.yaml` in a subprocess, joining this module's Ray cluster via RAY_ADDRESS;
+    then `miles plot` on its run directory."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    run_dir = tmp_path / "cli_run"
+    cfg = {
+        "cluster": {"engine_kv_cache_tokens": 2048, "engine_max_num_seqs": 8},
+        "hf-checkpoint": env["ckpt"], "prompt_data": env["prompts"], "label_key": "label",
+        "rollout_batch_size": 2, "n_samples_per_prompt": 2, "rollout_max_response_len": 6, "num_rollout": 1,
+        "rm_type": "exact", "lr": 0.01, "run_dir": str(run_dir), "no_progress": True,
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env_vars = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    cmd = [sys.executable, "-m", "miles.cli", "train", "--config", str(tmp_path / "run.yaml"), "--num-rollout", "2"]
+    proc = subprocess.run(cmd, env=env_vars, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 steps done" in proc.stdout
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1] and records[1]["weight_sync/version"] == 2
+    plot = subprocess.run([sys.executable, "-m", "miles.cli", "plot", str(run_dir)], capture_output=True, text=True,
+                          timeout=120)
+    assert plot.returncode == 0 and (run_dir / "plots" / "reward.png").exists(), plot.stderr
