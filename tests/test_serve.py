@@ -493,3 +493,19 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path), "--block-size", "0"])
     assert e.value.code == 2 and "block_size" in capsys.readouterr().err
+
+
+def test_server_without_tokenizer_serves_ids_only(ckpts):
+    eng = LLMEngine(EngineConfig(model=str(ckpts[0]), max_model_len=CTX, load_tokenizer=False))
+    st = serve_engine(eng)
+    try:
+        with httpx.Client(base_url=st.url, timeout=60, trust_env=False) as c:
+            r = c.post("/generate", json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 3,
+                                                                                      "ignore_eos": True}})
+            assert r.status_code == 200 and "text" not in r.json() and len(r.json()["output_ids"]) == 3
+            bad = c.post("/generate", json={"text": "hi"})
+            assert bad.status_code == 400 and "tokenizer" in bad.json()["error"]["message"]
+            bad = c.post("/v1/completions", json={"model": "m", "prompt": [1, 2]})
+            assert bad.status_code == 400 and "tokenizer" in bad.json()["error"]["message"]
+    finally:
+        st.stop()

@@ -155,6 +155,7 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = parse_body(CompletionRequest, await request.body())
+        state.require_tokenizer("the OpenAI endpoints")
         _unsupported(req)
         if req.logprobs:
             raise BadRequest("logprobs: only 0 (the sampled token's log-prob) is supported", param="logprobs")
@@ -224,6 +225,7 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await request.body())
+        state.require_tokenizer("the OpenAI endpoints")
         _unsupported(req)
         if req.top_logprobs:
             raise BadRequest("top_logprobs: top-k alternatives are not supported; use 0", param="top_logprobs")

@@ -88,7 +88,12 @@ class ServeState:
 
     # ---------------------------------------------------------------- prompts and params
     def tokenize(self, text: str) -> list[int]:
+        self.require_tokenizer("text prompts")
         return list(self.tokenizer.encode(text))
+
+    def require_tokenizer(self, what: str) -> None:
+        if self.tokenizer is None:
+            raise BadRequest(f"{what} need a tokenizer, and this server runs without one; send input_ids")
 
     def check_prompt(self, ids: list[int], field: str) -> None:
         if not ids:
@@ -163,6 +168,8 @@ class ServeState:
 
     def output_text(self, out: GenOutput, spec: GenSpec) -> str:
         """Generated text; unless `no_stop_trim`, a matched stop token or stop string is cut off (SGLang rule)."""
+        if self.tokenizer is None:
+            return ""
         ids = out.output_ids
         trim = out.finished and out.finish_reason == "stop" and not spec.no_stop_trim
         if trim and isinstance(out.matched_stop, int) and ids and ids[-1] == out.matched_stop:
@@ -175,7 +182,7 @@ class ServeState:
         return text
 
     def token_text(self, tid: int) -> str:
-        return self.tokenizer.decode([tid], skip_special_tokens=False)
+        return self.tokenizer.decode([tid], skip_special_tokens=False) if self.tokenizer is not None else None
 
     # ---------------------------------------------------------------- SGLang response
     def sglang_result(self, out: GenOutput, spec: GenSpec, text: str | None = None, t0: float | None = None) -> dict:
@@ -199,8 +206,11 @@ class ServeState:
             meta["routed_experts"] = encode_routed_experts(out.routed_experts, spec.routed_experts_start_len)
         if out.finished and t0 is not None:
             meta["e2e_latency"] = time.monotonic() - t0
-        return {"text": self.output_text(out, spec) if text is None else text, "output_ids": out.output_ids,
-                "meta_info": meta}
+        res = {"text": self.output_text(out, spec) if text is None else text, "output_ids": out.output_ids,
+               "meta_info": meta}
+        if self.tokenizer is None:  # like SGLang's --skip-tokenizer-init: ids only
+            del res["text"]
+        return res
 
 
 def finish_reason(out: GenOutput) -> dict | None:
