@@ -81,6 +81,17 @@ def test_checkpoint_commit_and_latest(tmp_path):
         ckpt.latest_checkpoint(str(tmp / "trainer_missing"))
 
 
+def test_num_epoch_sets_num_rollout():
+    import argparse
+
+    from miles.cluster.loop import resolve_num_rollout
+
+    args = argparse.Namespace(num_rollout=None, num_epoch=3, rollout_batch_size=4)
+    assert resolve_num_rollout(args, list(range(10))) == 6 and args.num_rollout == 6  # 3 x (10 // 4)
+    with pytest.raises(ValueError, match="3 prompts < --rollout-batch-size 4"):
+        resolve_num_rollout(argparse.Namespace(num_rollout=None, num_epoch=1, rollout_batch_size=4), [1, 2, 3])
+
+
 def test_train_cli_reports_config_errors(capsys):
     from miles.cli import main
 

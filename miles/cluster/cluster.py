@@ -17,7 +17,7 @@ import ray
 from miles.cluster import weight_sync as ws
 from miles.cluster.actors import EngineActor, TrainActor
 from miles.cluster.phase import wait_refs
-from miles.cluster.placement import Placement, create_placement
+from miles.cluster.placement import Placement, create_placement, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ class Cluster:
     # ---- start-up -----------------------------------------------------------------------------
     @classmethod
     def start(cls, args: Any) -> Cluster:
+        if args.colocate and args.update_weight_transport == "collective" and resolve_device(args.device) == "cuda":
+            raise ValueError("--colocate with --update-weight-transport collective would put two NCCL ranks on one "
+                             "GPU; use ipc (the default with --colocate) or disk")
         placement = create_placement(args, timeout=args.engine_startup_timeout)
         self = cls(args, placement)
         try:
