@@ -107,19 +107,19 @@ def make_miles_checkpoint(cfg, path: str) -> None:
     torch.cuda.empty_cache()
 
 
-def bench_miles(path: str, args, gc_on: bool) -> dict:
+def bench_miles(path: str, args, compile_on: bool, gc_on: bool) -> dict:
     from miles.trainer.config import AlgoConfig, TrainerConfig
     from miles.trainer.trainer import Trainer
 
     tokens_per_mb = args.seqs_per_mb * args.seq_len
     cfg = TrainerConfig(lr=1e-6, device="cuda", use_dynamic_batch_size=True, max_tokens_per_gpu=tokens_per_mb,
-                        gradient_checkpointing=gc_on, n_samples_per_prompt=args.seqs_per_mb,
+                        gradient_checkpointing=gc_on, compile=compile_on, n_samples_per_prompt=args.seqs_per_mb,
                         log_probs_chunk_size=args.chunk)
     tr = Trainer(path, AlgoConfig(), cfg)
     g = torch.Generator().manual_seed(0)
     batch = [dict(tokens=torch.randint(0, VOCAB, (args.seq_len,), generator=g).tolist(),
                   response_length=args.seq_len - 1, reward=float(i % 2), group_index=i // args.seqs_per_mb)
-             for i in range(args.mbs * args.seqs_per_mb)]
+             for i in range(args.mbs * args.seqs_per_mb * dist.get_world_size())]
     out = {}
     first: dict = {}
     out["rl_sec_per_step"] = timed(lambda: first.setdefault("m", tr.train(batch)), args.iters)
@@ -136,6 +136,15 @@ def bench_miles(path: str, args, gc_on: bool) -> dict:
     metrics = {}
     out["sec_per_step"] = timed(lambda: metrics.update(tr.train(batch)), args.iters)
     out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            tr.train(batch)
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:args.profile]
+        for e in rows:
+            print(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}  {e.key[:90]}", flush=True)
     out["last_metrics"] = {k: metrics[k] for k in ("loss", "grad_norm", "entropy", "step") if k in metrics}
     if args.check_offload:
         args.check_offload = False
@@ -178,6 +187,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--chunk", type=int, default=4096, help="log-prob chunk size (tokens)")
     p.add_argument("--check-offload", action="store_true")
+    p.add_argument("--profile", type=int, default=0, help="print the top-N CUDA ops of one Miles step")
+    p.add_argument("--compile", action="store_true", help="also run the Miles trainer with --compile-model")
+    p.add_argument("--skip-hf", action="store_true", help="only the Miles trainer")
     p.add_argument("--out", default=None, help="write results JSON here")
     args = p.parse_args()
 
@@ -188,8 +200,11 @@ def main() -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dev = torch.cuda.get_device_name()
     peak = peak_flops(dev)
-    tokens = args.seq_len * args.seqs_per_mb * args.mbs
-    results = {"device": dev, "torch": torch.__version__, "tokens_per_step": tokens,
+    tokens = args.seq_len * args.seqs_per_mb * args.mbs * world  # global tokens per optimizer step
+    peak *= world
+    if world > 1:
+        args.skip_hf = True  # the HF baseline is single-GPU
+    results = {"device": dev, "gpus": world, "torch": torch.__version__, "tokens_per_step": tokens,
                "tokens_per_micro_batch": args.seq_len * args.seqs_per_mb, "models": {}}
     for name in args.models.split(","):
         shape = SHAPES[name]
@@ -197,34 +212,39 @@ def main() -> None:
         f_train = flops_per_token(shape, args.seq_len, True)
         f_fwd = flops_per_token(shape, args.seq_len, False)
         r = {}
-        hf, hf_gc = run_with_fallback(bench_hf, cfg, args)
-        r["hf"] = {**hf, "grad_ckpt": hf_gc}
+        if not args.skip_hf:
+            hf, hf_gc = run_with_fallback(bench_hf, cfg, args)
+            r["hf"] = {**hf, "grad_ckpt": hf_gc}
         with tempfile.TemporaryDirectory() as d:
             make_miles_checkpoint(cfg, d)
-            mi, mi_gc = run_with_fallback(bench_miles, d, args)
-        r["miles_step"] = {"sec_per_step": mi["sec_per_step"], "peak_mem_gib": mi["peak_mem_gib"], "grad_ckpt": mi_gc,
-                           "last_metrics": mi.get("last_metrics")}
-        r["miles_rl"] = {"sec_per_step": mi["rl_sec_per_step"], "grad_ckpt": mi_gc}
-        if "offload" in mi:
-            r["offload_check"] = mi["offload"]
+            for compile_on in ([False, True] if args.compile else [False]):
+                mi, mi_gc = run_with_fallback(bench_miles, d, args, compile_on)
+                tag = "+compile" if compile_on else ""
+                r["miles_step" + tag] = {"sec_per_step": mi["sec_per_step"], "peak_mem_gib": mi["peak_mem_gib"],
+                                         "grad_ckpt": mi_gc, "last_metrics": mi.get("last_metrics")}
+                r["miles_rl" + tag] = {"sec_per_step": mi["rl_sec_per_step"], "grad_ckpt": mi_gc, "step0": mi["step0"]}
+                if "offload" in mi:
+                    r["offload_check"] = mi["offload"]
         for k, v in r.items():
             if "sec_per_step" not in v:
                 continue
-            flops = tokens * (f_train + (f_fwd if k == "miles_rl" else 0))
+            flops = tokens * (f_train + (f_fwd if k.startswith("miles_rl") else 0))
             v["tokens_per_s"] = tokens / v["sec_per_step"]
             v["mfu"] = flops / v["sec_per_step"] / peak
         results["models"][name] = r
-        print(json.dumps({name: r}, indent=1), flush=True)
-    print(f"\n{dev}: {tokens} tokens/step ({args.mbs} x {args.seqs_per_mb} x {args.seq_len})")
-    print(f"{'model':<12} {'impl':<11} {'tok/s':>9} {'MFU':>6} {'s/step':>7} {'GiB':>6} gc")
-    for name, r in results["models"].items():
-        for k, v in r.items():
-            if "tokens_per_s" in v:
-                print(f"{name:<12} {k:<11} {v['tokens_per_s']:>9.0f} {v['mfu']:>6.1%} {v['sec_per_step']:>7.3f} "
-                      f"{v.get('peak_mem_gib', float('nan')):>6.1f} {v['grad_ckpt']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        if rank == 0:
+            print(json.dumps({name: r}, indent=1), flush=True)
+    if rank == 0:
+        print(f"\n{dev}: {tokens} tokens/step ({world} GPU x {args.mbs} x {args.seqs_per_mb} x {args.seq_len})")
+        print(f"{'model':<12} {'impl':<19} {'tok/s':>9} {'MFU':>6} {'s/step':>7} {'GiB':>6} gc")
+        for name, r in results["models"].items():
+            for k, v in r.items():
+                if "tokens_per_s" in v:
+                    print(f"{name:<12} {k:<19} {v['tokens_per_s']:>9.0f} {v['mfu']:>6.1%} {v['sec_per_step']:>7.3f} "
+                          f"{v.get('peak_mem_gib', float('nan')):>6.1f} {v['grad_ckpt']}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
     dist.destroy_process_group()
 
 

@@ -127,6 +127,8 @@ class TrainerConfig:
     rollout_temperature: float = _f(1.0, "Sampling temperature of the rollout: trainer log-probs are "
                                     "log_softmax(logits / T) (shared with the rollout group).")
     gradient_checkpointing: bool = _f(False, "Recompute decoder layers in backward (activation checkpointing).")
+    compile: bool = _f(False, "torch.compile every decoder layer (fuses norms/RoPE/SwiGLU; first steps compile).",
+                       flags=("--compile-model",))
     bf16: bool = _f(True, "bf16 compute with fp32 master weights and fp32 gradient reduction (GPU only).")
     optimizer_cpu_offload: bool = _f(False, "Keep parameter/gradient/optimizer-state shards on CPU (FSDP2 "
                                      "CPUOffloadPolicy; the AdamW step runs on CPU). GPU only.")

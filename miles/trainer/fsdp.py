@@ -65,6 +65,12 @@ def enable_activation_checkpointing(model: PolicyModel) -> None:
         layer.forward = forward
 
 
+def compile_layers(model: PolicyModel) -> None:
+    """torch.compile each decoder layer in place (parameter names unchanged); attention is a graph break."""
+    for layer in model.lm.model.layers:
+        layer.compile(dynamic=True)
+
+
 def shard_model(model: PolicyModel, mesh: DeviceMesh, *, bf16: bool, cpu_offload: bool) -> None:
     """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head).
 

@@ -25,7 +25,14 @@ from miles.models import load_model
 from miles.trainer.advantages import scalar_rewards, token_advantages
 from miles.trainer.batch import TrainSample, validate_batch
 from miles.trainer.config import AlgoConfig, TrainerConfig
-from miles.trainer.fsdp import PolicyModel, enable_activation_checkpointing, make_mesh, resolve_device, shard_model
+from miles.trainer.fsdp import (
+    PolicyModel,
+    compile_layers,
+    enable_activation_checkpointing,
+    make_mesh,
+    resolve_device,
+    shard_model,
+)
 from miles.trainer.losses import LossInputs, compute_loss, load_function, loss_weights
 from miles.trainer.packing import pack, rank_micro_batches, rank_partition, split_steps
 from miles.trainer.schedule import build_scheduler
@@ -60,6 +67,8 @@ class Trainer:
         self.model = PolicyModel(lm)
         if self.cfg.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
+        if self.cfg.compile:
+            compile_layers(self.model)
         if self.cfg.optimizer_cpu_offload and self.device.type != "cuda":
             raise ValueError("--optimizer-cpu-offload needs --device cuda")
         shard_model(self.model, self.mesh, bf16=self.bf16, cpu_offload=self.cfg.optimizer_cpu_offload)
@@ -177,10 +186,11 @@ class Trainer:
         algo = self.algo
         n_samples = len(step)
         n_tokens = int(sum(samples[i].mask_tensor().sum() for i in step))
-        reduced = torch.zeros(len(REDUCED_KEYS), dtype=torch.float64)
-        sums = torch.zeros(len(TOKEN_KEYS), dtype=torch.float64)
+        # accumulated on the device: no host sync per micro-batch
+        reduced = torch.zeros(len(REDUCED_KEYS), dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(TOKEN_KEYS), dtype=torch.float64, device=self.device)
         present = torch.zeros(len(REDUCED_KEYS) + len(TOKEN_KEYS), dtype=torch.float64)
-        ratio_ext = torch.full((2,), -math.inf, dtype=torch.float64)
+        ratio_ext = torch.full((2,), -math.inf, dtype=torch.float64, device=self.device)  # max ratio, -min ratio
         has_rollout = all(s.rollout_log_probs is not None for s in samples)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -205,31 +215,32 @@ class Trainer:
                                pg_reducer=reducer)
                 loss, red, tok = compute_loss(algo, x)
                 if algo.loss_type == "policy_loss":
-                    log_ratio = (logp.detach() - x.old_logp)[mask > 0]
-                    if log_ratio.numel():
-                        ratio_ext[0] = max(ratio_ext[0].item(), log_ratio.max().exp().item())
-                        ratio_ext[1] = max(ratio_ext[1].item(), -log_ratio.min().exp().item())
+                    log_ratio = logp.detach() - x.old_logp
+                    hi = torch.where(mask > 0, log_ratio, -math.inf).max().exp()
+                    lo = torch.where(mask > 0, log_ratio, math.inf).min().exp()
+                    ratio_ext = torch.maximum(ratio_ext, torch.stack([hi, -lo]).double())
             if "entropy" in rows[0] and all("entropy" in r for r in rows):
-                tok["entropy"] = (torch.cat([r["entropy"] for r in rows]) * torch.cat(masks)).sum()
+                tok["entropy"] = (torch.cat([r["entropy"] for r in rows]) * torch.cat(masks)).sum().to(self.device)
             (loss * self.world_size).backward()  # FSDP averages gradients over ranks; we want the sum
             for j, k in enumerate(REDUCED_KEYS):
                 if k in red:
-                    reduced[j] += float(red[k])
+                    reduced[j] += red[k].detach().double()
                     present[j] = 1
             for j, k in enumerate(TOKEN_KEYS):
                 if k in tok:
-                    sums[j] += float(tok[k])
+                    sums[j] += tok[k].detach().double()
                     present[len(REDUCED_KEYS) + j] = 1
 
         grad_norm = self._clip_and_step()
-        stats = torch.cat([reduced, sums, present])
+        stats = torch.cat([reduced.cpu(), sums.cpu(), present])
+        ratio_ext = ratio_ext.cpu()
         self._all_reduce_sum(stats)
         self._all_reduce_sum(ratio_ext, op=dist.ReduceOp.MAX)
         reduced, sums, present = stats.split([len(REDUCED_KEYS), len(TOKEN_KEYS), len(present)])
         out = {k: float(reduced[j]) for j, k in enumerate(REDUCED_KEYS) if present[j] > 0}
         out.update({k: float(sums[j]) / max(n_tokens, 1) for j, k in enumerate(TOKEN_KEYS)
                     if present[len(REDUCED_KEYS) + j] > 0})
-        if ratio_ext[0] > -math.inf:
+        if ratio_ext[0] > 0:
             out.update(ratio_max=float(ratio_ext[0]), ratio_min=float(-ratio_ext[1]))
         out.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"], train_tokens=float(n_tokens))
         return out
