@@ -124,7 +124,7 @@ class _Worker:
         raise ValueError("trainer rank exploded")
 
     def dump_stacks(self) -> str:
-        from miles.cluster.actors import dump_all_stacks
+        from miles.cluster.phase import dump_all_stacks
 
         return dump_all_stacks()
 

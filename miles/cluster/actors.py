@@ -1,4 +1,4 @@
-"""Ray actors: one `TrainActor` per trainer rank, one `EngineActor` per rollout engine, and the router.
+"""Ray actors: one `TrainActor` per trainer rank, one `EngineActor` per rollout engine.
 
 `TrainActor` joins the trainer's torch.distributed group (gloo on CPU, NCCL on GPU; rank 0 publishes
 MASTER_ADDR/PORT) and owns a `miles.trainer.Trainer`. `EngineActor` runs `miles serve` in-process (the
@@ -9,18 +9,17 @@ directly (object store or a torch.distributed group) while clients use HTTP. Bot
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
 import socket
 import sys
-import tempfile
 from typing import Any
 
 import ray
 import torch
 
 from miles.cluster import weight_sync as ws
+from miles.cluster.phase import dump_all_stacks
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +28,6 @@ def free_port(host: str = "") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def dump_all_stacks() -> str:
-    """Python stacks of every thread of this process (faulthandler's format)."""
-    with tempfile.TemporaryFile("w+") as fh:
-        faulthandler.dump_traceback(fh, all_threads=True)
-        fh.seek(0)
-        return fh.read()
 
 
 def _setup_logging() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,16 +30,19 @@ class PhaseError(RuntimeError):
     """A phase failed; the message names it and carries the remote error."""
 
 
+def dump_all_stacks() -> str:
+    """Python stacks of every thread of this process (faulthandler's format)."""
+    with tempfile.TemporaryFile("w+") as fh:
+        faulthandler.dump_traceback(fh, all_threads=True)
+        fh.seek(0)
+        return fh.read()
+
+
 def dump_stacks(phase: str, actors: Sequence[Any] = (), run_dir: str | None = None, timeout: float = 15.0) -> str:
     """Dump the driver's and the actors' Python stacks; returns the report (also written under run_dir)."""
     parts = [f"==== stacks dumped for stuck phase {phase!r} at {time.strftime('%H:%M:%S')} ===="]
     parts.append("---- driver ----")
-    import tempfile
-
-    with tempfile.TemporaryFile("w+") as fh:
-        faulthandler.dump_traceback(fh, all_threads=True)
-        fh.seek(0)
-        parts.append(fh.read())
+    parts.append(dump_all_stacks())
     refs = []
     for i, actor in enumerate(actors):
         try:
