@@ -37,8 +37,6 @@ from miles.serve.state import DISCONNECTED, GenSpec, ServerConfig, ServeState, c
 
 logger = logging.getLogger(__name__)
 
-_DONE = object()
-
 
 def error_response(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, status, param), status_code=status)
@@ -83,30 +81,39 @@ async def gather_or_cancel(*coros: Any) -> list[Any]:
 
 
 async def merge_streams(state: ServeState, specs: list[GenSpec]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave the progress of several requests as `(index, GenOutput)`; an error is raised in order."""
-    q: asyncio.Queue = asyncio.Queue()
+    """Interleave the progress of several requests as `(index, GenOutput)`; an error is raised in order.
+
+    Snapshots are cumulative, so a slow reader gets the latest one per request (bounded memory)."""
+    ready: asyncio.Queue = asyncio.Queue()  # indices with a new snapshot, an error, or done
+    latest: dict[int, Any] = {}
+
+    def publish(k: int, item: Any) -> None:
+        if k not in latest:
+            ready.put_nowait(k)
+        latest[k] = item
 
     async def pump(k: int, spec: GenSpec) -> None:
         try:
             async with contextlib.aclosing(state.stream(spec)) as gen:
                 async for out in gen:
-                    q.put_nowait((k, out))
+                    publish(k, out)
+                    if out.finished:
+                        return
+            publish(k, EngineError(f"request {spec.rid} ended without a final output"))
         except Exception as e:
-            q.put_nowait((k, e))
-        finally:
-            q.put_nowait((k, _DONE))
+            publish(k, e)
 
     tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(specs)]
     remaining = len(tasks)
     try:
         while remaining:
-            k, item = await q.get()  # each producer has its own stall timeout inside AsyncEngine.generate
-            if item is _DONE:
-                remaining -= 1
-            elif isinstance(item, Exception):
+            k = await ready.get()  # each producer has its own stall timeout inside AsyncEngine.generate
+            item = latest.pop(k)
+            if isinstance(item, Exception):
                 raise item
-            else:
-                yield k, item
+            if item.finished:
+                remaining -= 1
+            yield k, item
     finally:
         for t in tasks:
             t.cancel()
