@@ -203,12 +203,16 @@ class ParserInfo:
     mirrors: dict[str, str]  # dest -> dest whose flag it shares (e.g. trainer `temperature` <- `rollout_temperature`)
 
 
-def build_parser(prog: str = "miles train", groups: Sequence[tuple[str, type, str]] | None = None) -> ParserInfo:
+def build_parser(
+    prog: str = "miles train", groups: Sequence[tuple[str, type, str]] | None = None, epilog: str | None = None
+) -> ParserInfo:
     """An argparse parser with one argument group per config group, plus `--config FILE.yaml`."""
     groups = list(groups) if groups is not None else load_groups()
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Miles RL training: rollout -> reward -> train -> weight sync, placed on Ray.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file with the same keys as the flags (flags override it)")
     specs: dict[str, FieldSpec] = {}
@@ -356,12 +360,13 @@ def parse_config(
     groups: Sequence[tuple[str, type, str]] | None = None,
     check: bool = True,
     prog: str = "miles train",
+    epilog: str | None = None,
 ) -> MilesConfig:
     """Parse `argv` (YAML from `--config`, CLI overriding it), fill derived values and (with `check`) validate.
 
     Raises ConfigError naming the flags on an inconsistent configuration.
     """
-    info = build_parser(prog, groups)
+    info = build_parser(prog, groups, epilog)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)

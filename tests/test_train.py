@@ -129,6 +129,7 @@ def test_async_one_step_off(env):
     for step, m in enumerate(hist):
         versions = [int(v) for v in m["rollout/weight_versions"]]
         assert versions and min(versions) >= max(0, step - 1) and max(versions) <= step, (step, versions)
+        assert m["rollout/max_staleness"] == step - min(versions) in (0, 1)
 
 
 def test_resume_continues_exactly(env):

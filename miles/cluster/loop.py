@@ -122,7 +122,10 @@ class RLLoop:
         if "rollout/reward_seconds" in metrics:
             metrics["perf/reward_seconds"] = metrics["rollout/reward_seconds"]
         metrics["rollout/num_samples"] = len(samples)
-        metrics["rollout/weight_versions"] = sorted({v for s in samples for v in s.weight_versions}, key=_version_key)
+        versions = sorted({v for s in samples for v in s.weight_versions}, key=_version_key)
+        metrics["rollout/weight_versions"] = versions
+        if versions and all(str(v).isdigit() for v in versions):  # updates the oldest token lagged behind
+            metrics["rollout/max_staleness"] = rollout_id - int(versions[0])
         return samples, metrics
 
     def train(self, rollout_id: int, samples: list) -> dict:
