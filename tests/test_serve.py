@@ -509,3 +509,21 @@ def test_server_without_tokenizer_serves_ids_only(ckpts):
             assert bad.status_code == 400 and "tokenizer" in bad.json()["error"]["message"]
     finally:
         st.stop()
+
+
+def test_duplicate_rid_is_rejected_without_touching_the_original(http):
+    out: list = []
+    body = {"input_ids": [1, 2, 3], "rid": "dup", "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}
+    http.post("/pause_generation", json={"mode": "in_place"})
+    t = threading.Thread(target=lambda: out.append(http.post("/generate", json=body)))
+    try:
+        t.start()
+        _wait(lambda: _inflight(http) == 1, what="first request queued")
+        second = http.post("/generate", json=body)
+        assert second.status_code == 400 and "dup" in second.json()["error"]["message"]
+        assert _inflight(http) == 1
+    finally:
+        http.post("/continue_generation")
+    t.join(30)
+    first = out[0].json()
+    assert first["meta_info"]["finish_reason"]["type"] == "length" and len(first["output_ids"]) == 4

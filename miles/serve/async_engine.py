@@ -168,8 +168,9 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            if not finished:
-                self.abort(request_id)
+            if not finished:  # queued after `_add`, so it also covers a cancellation while adding
+                with contextlib.suppress(EngineError):
+                    self.submit(lambda e: self._abort(request_id, "aborted", only=stream))
 
     def abort(self, request_id: str) -> None:
         """Abort one request (no-op if unknown or finished); its stream ends with finish_reason ``abort``."""
@@ -358,8 +359,10 @@ class AsyncEngine:
         with contextlib.suppress(RuntimeError):  # the request's loop is closed: nobody is listening
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
-    def _abort(self, rid: str, message: str) -> bool:
+    def _abort(self, rid: str, message: str, only: _Stream | None = None) -> bool:
         with self._lock:
+            if only is not None and self._streams.get(rid) is not only:
+                return False  # not ours (e.g. a duplicate rid that was rejected): leave it alone
             stream = self._streams.pop(rid, None)
         with contextlib.suppress(KeyError, ValueError):
             self.engine.abort(rid)
