@@ -566,6 +566,11 @@ def validate(args: argparse.Namespace) -> None:
         _get(args, "loss_type") != "custom_loss" or _get(args, "custom_loss_function_path") is not None,
         "--loss-type custom_loss needs --custom-loss-function-path",
     )
+    need(
+        not _get(args, "custom_reward_post_process_path")
+        or _get(args, "advantage_estimator", "grpo") in ("grpo", "gspo"),
+        "--custom-reward-post-process-path needs --advantage-estimator grpo or gspo (its rewards are the advantages)",
+    )
     sub = _get(args, "load_debug_rollout_data_subsample")
     need(sub is None or 0 < sub <= 1, f"--load-debug-rollout-data-subsample must be in (0, 1], got {sub}")
     need(

@@ -145,3 +145,30 @@ def test_wait_refs_timeout_and_failure_name_the_phase(ray_cluster, tmp_path):
     with pytest.raises(PhaseError, match="(?s)phase .train. failed: .*trainer rank exploded"):
         wait_refs([actor.fail.remote()], "train", 60)
     ray.kill(actor)
+
+
+def halve(args, samples):
+    raw = [s.reward for s in samples]
+    return raw, [r / 2 for r in raw]
+
+
+def test_to_train_batch_masks_rewards_and_post_process():
+    import argparse
+
+    from miles.cluster.loop import to_train_batch
+    from miles.rollout.sample import Sample
+
+    samples = [Sample(tokens=[1, 2, 3, 4], response_length=2, reward={"score": 1.0}, group_index=0,
+                      rollout_log_probs=[-0.5, -0.25]),
+               Sample(tokens=[1, 2, 5], response_length=1, reward={"score": 0.0}, group_index=0, loss_mask=[1],
+                      remove_sample=True)]
+    args = argparse.Namespace(reward_key="score", custom_reward_post_process_path=None)
+    batch = to_train_batch(args, samples)
+    assert batch[0] == {"tokens": [1, 2, 3, 4], "response_length": 2, "loss_mask": [1, 1], "reward": 1.0,
+                        "rollout_log_probs": [-0.5, -0.25], "group_index": 0, "advantages": None}
+    assert batch[1]["loss_mask"] == [0] and batch[1]["reward"] == 0.0  # remove_sample zeroes the mask
+    for s in samples:
+        s.reward = 3.0
+    args.custom_reward_post_process_path = "test_cluster.halve"
+    batch = to_train_batch(args, samples)
+    assert [b["advantages"] for b in batch] == [[1.5, 1.5], [1.5]]

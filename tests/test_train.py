@@ -41,6 +41,25 @@ async def flaky_rm(args, sample):
     return 1.0
 
 
+LOGGED: list = []
+
+
+def log_hook(rollout_id, args, samples, extra_metrics, rollout_time):
+    """slime's --custom-rollout-log-function-path signature; False keeps the default metrics."""
+    LOGGED.append((rollout_id, len(samples), "rollout/reward_mean" in extra_metrics, rollout_time >= 0))
+    return False
+
+
+def post_process(args, samples):
+    """slime's --custom-reward-post-process-path: Dr.GRPO-style mean-only normalization per group."""
+    raw = [s.get_reward_value(args) for s in samples]
+    out = []
+    for s, r in zip(samples, raw):
+        group = [x for t, x in zip(samples, raw) if t.group_index == s.group_index]
+        out.append(r - sum(group) / len(group))
+    return raw, out
+
+
 def stuck_rollout(args, rollout_id, data_source, evaluation=False):
     time.sleep(3600)
 
@@ -97,9 +116,12 @@ def _check_on_policy(hist: list[dict]) -> None:
 
 
 def test_sync_disaggregated_collective(env):
-    hist = _train(_argv(env, "disagg", "--check-weight-update-equal"))
+    LOGGED.clear()
+    hist = _train(_argv(env, "disagg", "--check-weight-update-equal", "--custom-rollout-log-function-path",
+                        "test_train.log_hook", "--custom-reward-post-process-path", "test_train.post_process"))
     assert [m["step"] for m in hist] == [0, 1]
     _check_on_policy(hist)
+    assert LOGGED == [(0, 4, True, True), (1, 4, True, True)]
     assert _records(env, "disagg")[1]["train/step"] == 2.0
 
 

@@ -76,6 +76,11 @@ class LoopConfig:
     skip_eval_before_train: bool = flag(False, "do not evaluate before the first step")
     partial_rollout: bool = flag(False, "return aborted partial groups to the buffer to be continued")
     seed: int = flag(1234, "training seed")
+    custom_reward_post_process_path: str | None = flag(
+        None,
+        "slime hook `fn(args, samples) -> (raw_rewards, rewards)` replacing group normalization; `rewards` "
+        "become the per-token advantages (grpo/gspo)",
+    )
 
 
 @dataclass
@@ -93,6 +98,12 @@ class LoggingConfig:
     wandb_run_id: str | None = flag(None, "W&B run id (resume)")
     log_passrate: bool = flag(False, "log pass@k of eval datasets")
     no_progress: bool = flag(False, "no progress bars (plain log lines)")
+    custom_rollout_log_function_path: str | None = flag(
+        None, "slime hook `fn(rollout_id, args, samples, extra_metrics, rollout_time) -> bool` (True: skip default)"
+    )
+    custom_eval_rollout_log_function_path: str | None = flag(
+        None, "slime hook `fn(rollout_id, args, data, extra_metrics) -> bool` (True: skip default eval metrics)"
+    )
 
 
 @dataclass

@@ -44,9 +44,22 @@ def flatten(groups: list) -> list:
 
 
 def to_train_batch(args: Any, samples: list) -> list[dict]:
-    """Rollout `Sample`s → the trainer's per-sample records (`miles.trainer.batch.TrainSample` fields)."""
+    """Rollout `Sample`s → the trainer's per-sample records (`miles.trainer.batch.TrainSample` fields).
+
+    With `--custom-reward-post-process-path`, its `rewards` are sent as per-token advantages (slime's GRPO
+    broadcasts the post-processed reward over the response), so the trainer's estimator does not run.
+    """
+    advantages = None
+    post = getattr(args, "custom_reward_post_process_path", None)
+    if post:
+        from miles.rollout.hooks import load_function
+
+        _raw, rewards = load_function(post)(args, samples)
+        if len(rewards) != len(samples):
+            raise ValueError(f"{post} returned {len(rewards)} rewards for {len(samples)} samples")
+        advantages = [[float(r)] * s.response_length for r, s in zip(rewards, samples)]
     batch = []
-    for s in samples:
+    for i, s in enumerate(samples):
         mask = list(s.loss_mask) if s.loss_mask is not None else [1] * s.response_length
         if getattr(s, "remove_sample", False):
             mask = [0] * s.response_length
@@ -58,6 +71,7 @@ def to_train_batch(args: Any, samples: list) -> list[dict]:
                 "reward": s.get_reward_value(args),
                 "rollout_log_probs": list(s.rollout_log_probs) if s.rollout_log_probs is not None else None,
                 "group_index": s.group_index,
+                "advantages": advantages[i] if advantages is not None else None,
             }
         )
     return batch
@@ -121,6 +135,12 @@ class RLLoop:
         metrics["perf/rollout_seconds"] = time.perf_counter() - t0
         if "rollout/reward_seconds" in metrics:
             metrics["perf/reward_seconds"] = metrics["rollout/reward_seconds"]
+        log_fn = getattr(args, "custom_rollout_log_function_path", None)
+        if log_fn:
+            from miles.rollout.hooks import load_function
+
+            if load_function(log_fn)(rollout_id, args, samples, metrics, time.perf_counter() - t0):
+                metrics = {k: v for k, v in metrics.items() if not k.startswith("rollout/")}  # hook logged them
         metrics["rollout/num_samples"] = len(samples)
         versions = sorted({v for s in samples for v in s.weight_versions}, key=_version_key)
         metrics["rollout/weight_versions"] = versions
@@ -162,9 +182,15 @@ class RLLoop:
             "eval", self.timeout, self._actors(), args.run_dir,
         )
         metrics = dict(out.metrics or {})
+        log_fn = args.custom_eval_rollout_log_function_path
+        if log_fn:
+            from miles.rollout.hooks import load_function
+
+            if load_function(log_fn)(rollout_id, args, out.data, metrics):
+                metrics = {"eval/logged_by_hook": True}
         for name, d in out.data.items():
             rewards = d.get("rewards") or []
-            if rewards and f"eval/{name}" not in metrics:
+            if rewards and not metrics.get("eval/logged_by_hook") and f"eval/{name}" not in metrics:
                 metrics[f"eval/{name}"] = sum(rewards) / len(rewards)
         if args.save_debug_rollout_data:
             save_debug_rollout_data(args.save_debug_rollout_data, f"eval_{updates_done}",
