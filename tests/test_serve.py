@@ -527,3 +527,31 @@ def test_duplicate_rid_is_rejected_without_touching_the_original(http):
     t.join(30)
     first = out[0].json()
     assert first["meta_info"]["finish_reason"]["type"] == "length" and len(first["output_ids"]) == 4
+
+
+def test_stalled_engine_gives_504_and_unhealthy_until_it_recovers(http, server):
+    aeng, eng = server.async_engine, server.async_engine.engine
+    real_step = type(eng).step
+    calls = []
+
+    def slow_step():
+        if not calls:
+            calls.append(1)
+            time.sleep(2.0)  # one stuck step
+        return real_step(eng)
+
+    aeng.stall_timeout, eng.step = 0.5, slow_step
+    health: list = []
+    t = threading.Thread(target=lambda: (time.sleep(1.0), health.append(http.get("/health").status_code)))
+    try:
+        t.start()
+        r = http.post("/generate", json={"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4}})
+        t.join(10)
+    finally:
+        aeng.stall_timeout = 600.0
+        del eng.step
+    assert r.status_code == 504 and "no progress" in r.json()["error"]["message"]
+    assert health == [503]
+    _wait(lambda: http.get("/health").status_code == 200, what="healthy again")
+    good = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}
+    assert len(http.post("/generate", json=good).json()["output_ids"]) == 4

@@ -85,6 +85,7 @@ class AsyncEngine:
         self.num_step_errors = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # requests progressed per step
         self.last_step_time = 0.0
+        self.last_activity = time.monotonic()  # last step or command on the engine thread
         self._cmds: queue.SimpleQueue[_Cmd] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -101,6 +102,12 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    @property
+    def stalled(self) -> bool:
+        """Requests are waiting, generation is not paused, yet the engine thread did nothing for `stall_timeout`."""
+        idle = time.monotonic() - self.last_activity
+        return self.num_inflight > 0 and not (self.paused or self.asleep) and idle > self.stall_timeout
 
     @property
     def num_inflight(self) -> int:
@@ -297,6 +304,7 @@ class AsyncEngine:
                     break
 
     def _exec(self, cmd: _Cmd) -> None:
+        self.last_activity = time.monotonic()
         if not cmd.future.set_running_or_notify_cancel():
             return
         try:
@@ -319,7 +327,7 @@ class AsyncEngine:
             self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
             return
         self.num_steps += 1
-        self.last_step_time = time.monotonic()
+        self.last_step_time = self.last_activity = time.monotonic()
         if outs:
             self.batch_sizes[len(outs)] += 1
         for o in outs:

@@ -62,6 +62,7 @@ class RouterConfig:
     api_key: str | None = None
     worker_api_key: str | None = None
     routing_key_header: str = "x-smg-routing-key"
+    health_path: str = "/health"  # or /health_generate for a real 1-token generation per check
     health_interval: float = 2.0
     health_timeout: float = 3.0
     failure_threshold: int = 2  # consecutive failed checks before a worker is taken out
@@ -114,9 +115,9 @@ class Router:
 
     async def check(self, w: Worker) -> bool:
         try:
-            r = await self.client.get(w.url + "/health", timeout=self.cfg.health_timeout,
+            r = await self.client.get(w.url + self.cfg.health_path, timeout=self.cfg.health_timeout,
                                       headers=self._worker_headers())
-            ok, err = r.status_code == 200, f"/health answered {r.status_code}"
+            ok, err = r.status_code == 200, f"{self.cfg.health_path} answered {r.status_code}"
         except httpx.HTTPError as e:
             ok, err = False, f"{type(e).__name__}: {e}"
         if ok:
@@ -370,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routing-key-header", default="X-SMG-Routing-Key", help="header naming a session (affinity)")
     p.add_argument("--health-interval", type=float, default=2.0, help="seconds between health-check rounds")
     p.add_argument("--health-failure-threshold", type=int, default=2, help="failed checks before removal")
+    p.add_argument("--health-path", default="/health", help="worker endpoint polled by health checks")
+    p.add_argument("--health-timeout", type=float, default=3.0, help="seconds before a health check fails")
     p.add_argument("--request-timeout", type=float, default=3600.0, help="read timeout per forwarded request (s)")
     p.add_argument("--wait-for-worker", type=float, default=10.0,
                    help="seconds a request waits for a healthy worker before 503")
@@ -379,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RouterConfig(
         worker_urls=args.worker_urls, api_key=args.api_key, worker_api_key=args.worker_api_key,
         routing_key_header=args.routing_key_header.lower(), health_interval=args.health_interval,
+        health_path=args.health_path, health_timeout=args.health_timeout,
         failure_threshold=args.health_failure_threshold, request_timeout=args.request_timeout,
         wait_for_worker=args.wait_for_worker,
     )

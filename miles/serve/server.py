@@ -296,8 +296,12 @@ def build_app(engine: AsyncEngine, cfg: ServerConfig) -> FastAPI:
     # ---------------------------------------------------------------- health and info
     @app.get("/health")
     async def health() -> Response:
+        """Cheap liveness: the engine thread runs and is not stuck with work waiting."""
         if not engine.alive:
             return error_response(f"engine is not running: {engine.error!r}", 503)
+        if engine.stalled:
+            return error_response(f"engine made no progress for {engine.stall_timeout:.0f}s with requests waiting",
+                                  503)
         return Response(status_code=200)
 
     @app.get("/health_generate")
