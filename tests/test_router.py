@@ -154,32 +154,51 @@ def test_add_remove_list_workers(cluster):
 
 
 def test_worker_killed_mid_traffic_then_readmitted(cluster, ckpt):
-    """Kill one worker while requests flow: every request still succeeds; a restarted worker is re-admitted."""
+    """Kill a worker holding in-flight requests: every request still succeeds (retried on the other worker),
+    an open SSE stream from it ends with an error event; a restarted worker is re-admitted."""
     router, workers = cluster
     victim = workers[1]
-    results: list = []
-    done_count = [0]
+    with httpx.Client(base_url=router.url, timeout=60, trust_env=False) as c:
+        key = next(k for k in (f"s{i}" for i in range(200))
+                   if _gen(c, [1], 1, headers={"X-SMG-Routing-Key": k}).headers["x-miles-worker"] == victim.url)
+    # the victim keeps what it gets in flight (paused), so the kill is guaranteed to hit open requests
+    assert httpx.post(victim.url + "/pause_generation", json={"mode": "in_place"}, trust_env=False).status_code == 200
 
-    async def traffic(n_requests=48, concurrency=8):
+    sse: list[str] = []
+
+    def stream():
+        body = {"input_ids": [1, 2], "stream": True, "sampling_params": {"max_new_tokens": 20}}
+        with httpx.stream("POST", router.url + "/generate", json=body, headers={"X-SMG-Routing-Key": key},
+                          timeout=60, trust_env=False) as r:
+            sse.extend(ln for ln in r.iter_lines() if ln)
+
+    results: list = []
+
+    async def traffic(n_requests=32, concurrency=8):
         sem = asyncio.Semaphore(concurrency)
         async with httpx.AsyncClient(base_url=router.url, timeout=120, trust_env=False) as ac:
             async def one(i):
                 async with sem:
-                    r = await _agen(ac, [i % 50 + 1, 7, 8], 24)
-                    done_count[0] += 1
-                    return r
+                    return await _agen(ac, [i % 50 + 1, 7, 8], 24)
             return await asyncio.gather(*(one(i) for i in range(n_requests)))
 
-    t = threading.Thread(target=lambda: results.append(asyncio.run(traffic())))
-    t.start()
-    _wait(lambda: done_count[0] >= 6, what="traffic to start")
+    threads = [threading.Thread(target=stream), threading.Thread(target=lambda: results.append(asyncio.run(traffic())))]
+    for t in threads:
+        t.start()
+    def victim_inflight() -> int:
+        return httpx.get(victim.url + "/get_server_info", trust_env=False).json()["stats"]["num_inflight"]
+
+    _wait(lambda: victim_inflight() >= 4, what="requests held by the victim")
     victim.kill()
-    t.join(180)
+    for t in threads:
+        t.join(180)
     rs = results[0]
     assert [r.status_code for r in rs] == [200] * len(rs), [r.text for r in rs if r.status_code != 200]
     assert all(len(r.json()["output_ids"]) == 24 for r in rs)
+    assert {r.headers["x-miles-worker"] for r in rs} == {workers[0].url}  # the paused victim answered none
+    assert sse[-1] == "data: [DONE]" and "failed mid-stream" in sse[-2]
     _wait(lambda: not _workers(router)[victim.url]["healthy"], what="dead worker taken out")
-    assert httpx.get(router.url + "/list_workers", trust_env=False).json()["num_retries"] >= 1
+    assert httpx.get(router.url + "/list_workers", trust_env=False).json()["num_retries"] >= 3
 
     restarted = launch_server(ckpt, args=WORKER_ARGS, port=victim.port)
     workers[1] = restarted  # the fixture stops it at the end
