@@ -316,6 +316,14 @@ def test_openai_chat_completions(oai, http, offline):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
+    # streamed log-probs cover every token once, even tokens whose text is held back (partial UTF-8)
+    kw = dict(model="tiny", messages=messages, max_tokens=24, temperature=1.0, seed=11, logprobs=True)
+    full = oai.chat.completions.create(**kw)
+    streamed = [lp.logprob for c in oai.chat.completions.create(**kw, stream=True)
+                if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert streamed == [lp.logprob for lp in full.choices[0].logprobs.content]
+    assert len(streamed) == full.usage.completion_tokens
+
 
 def test_openai_completions(oai, offline):
     tok = offline.tokenizer

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logger.warning("binding %s without --api-key: anyone who can reach this port can use it", args.host)
+
     from miles.engine import LLMEngine
     from miles.serve.async_engine import AsyncEngine
     from miles.serve.server import build_app

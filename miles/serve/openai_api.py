@@ -82,17 +82,19 @@ class _Deltas:
         self.n_tokens = 0
         self.stops = [] if spec.no_stop_trim else list(spec.params.stop or [])
 
-    def update(self, out: GenOutput) -> tuple[str, list[int], list[float]]:
+    def update(self, out: GenOutput) -> tuple[bool, str, list[int], list[float]]:
+        """(emit?, text delta, token ids and log-probs since the last emitted chunk)."""
         text = self.state.output_text(out, self.spec)
         if not out.finished:
             text = text.rstrip("\ufffd")
             text = text[: len(text) - _holdback(text, self.stops)]
         delta = text[len(self.sent):] if text.startswith(self.sent) else ""
-        if len(text) > len(self.sent):
-            self.sent = text
+        if not (delta or out.finished):
+            return False, "", [], []
+        self.sent = text if len(text) > len(self.sent) else self.sent
         ids, lps = out.output_ids[self.n_tokens:], out.logprobs[self.n_tokens:]
         self.n_tokens = len(out.output_ids)
-        return delta, ids, lps
+        return True, delta, ids, lps
 
 
 def register_openai_routes(app: FastAPI, state: ServeState) -> None:
@@ -134,8 +136,8 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
                     yield sse({**base, "choices": [first_chunk(k)]})
             async with contextlib.aclosing(merge_streams(state, specs)) as events:
                 async for k, out in events:
-                    delta, ids, lps = deltas[k].update(out)
-                    if delta or out.finished:
+                    emit, delta, ids, lps = deltas[k].update(out)
+                    if emit:
                         yield sse({**base, "choices": [make_chunk(k, delta, ids, lps, _finish(out))]})
                     if out.finished:
                         finals[k] = out

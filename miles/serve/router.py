@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvicorn
 
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logger.warning("binding %s without --api-key: anyone who can reach this port can use it", args.host)
+
     logger.info("miles router: http://%s:%d over %d worker(s)", args.host, args.port, len(cfg.worker_urls))
     uvicorn.run(build_router_app(cfg), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
