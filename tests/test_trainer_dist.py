@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from miles.testing import make_checkpoint
 from miles.trainer.config import AlgoConfig, TrainerConfig
@@ -58,6 +59,12 @@ def _train_save_resume(rank, ckpt, out):
     tr.save(out / "ckpt")
     after = [tr.train(b) for b in batches[K:]]
     final = _params(tr)
+    buckets = {n: t.clone() for b in tr.iter_weight_buckets(1 << 16) for n, t in b}  # collective on both ranks
+    tr.export_hf(out / "hf")
+    if rank == 0:
+        assert set(buckets) == set(final)  # dense, untied: HF names == Miles names
+        for n, t in final.items():
+            assert torch.equal(buckets[n], t), n
     del tr
     tr2 = Trainer(ckpt, AlgoConfig(**ALGO), TrainerConfig(**CFG))
     assert tr2.load(out / "ckpt") == 2 * K
@@ -97,6 +104,10 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path):
             assert a[k] == b[k], k
     for n, t in two["final"].items():
         assert torch.equal(t, two["resumed_final"][n]), n
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(exported) == set(two["final"])
+    for n, t in two["final"].items():
+        assert torch.equal(exported[n], t), n
     assert two["after"][0]["step"] == 2 * (K + M)
 
     # 2 ranks vs 1 rank. The only difference is fp32 summation order: the gradient of a parameter is a sum
