@@ -180,8 +180,11 @@ def register_openai_routes(app: FastAPI, state: ServeState) -> None:
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model}
         if req.stream:
+            offsets = [len(e) for e in echo]  # text offset of the next chunk, per choice
+
             def chunk(k: int, delta: str, ids: list[int], lps: list[float], fin: str | None) -> dict:
-                lp = completion_logprobs(ids, lps, 0) if want_lp else None
+                lp = completion_logprobs(ids, lps, offsets[k]) if want_lp else None
+                offsets[k] += len(delta)
                 return {"index": k, "text": delta, "logprobs": lp, "finish_reason": fin}
 
             def first(k: int) -> dict:
