@@ -242,16 +242,18 @@ class AsyncEngine:
         """Blocking: copy a bucket of HF-named tensors into the engine between steps (in-process weight sync)."""
         return self.call_sync(lambda e: e.update_weights(items, version), timeout)
 
-    async def stats(self) -> dict[str, Any]:
-        """Server-side step statistics plus the engine's own `stats` (read on the engine thread)."""
-        out = self.local_stats()
+    @staticmethod
+    def _engine_stats(e: Any) -> Any:
+        st = getattr(e, "stats", None)
+        return jsonable(st.as_dict(e) if hasattr(st, "as_dict") else st)
 
-        def _engine_stats(e: Any) -> Any:
-            st = getattr(e, "stats", None)
-            return st.as_dict(e) if hasattr(st, "as_dict") else jsonable(st)
+    def stats(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Blocking (any thread): step statistics plus the engine's own `stats`, read on the engine thread."""
+        return {**self.local_stats(), "engine": self.call_sync(self._engine_stats, timeout)}
 
-        out["engine"] = jsonable(await self.call(_engine_stats, timeout=30))
-        return out
+    async def stats_async(self, timeout: float = 30.0) -> dict[str, Any]:
+        """`stats()` for coroutines."""
+        return {**self.local_stats(), "engine": await self.call(self._engine_stats, timeout)}
 
     def local_stats(self) -> dict[str, Any]:
         """Requests progressed per `step()` as seen by this wrapper (no engine access)."""

@@ -337,7 +337,7 @@ def build_app(engine: AsyncEngine, cfg: ServerConfig) -> FastAPI:
     @app.get("/get_server_info")
     @app.get("/server_info")
     async def get_server_info() -> dict:
-        stats = await engine.stats()
+        stats = await engine.stats_async()
         return {
             **model_info(),
             "version": "miles",
@@ -350,7 +350,7 @@ def build_app(engine: AsyncEngine, cfg: ServerConfig) -> FastAPI:
 
     @app.get("/stats")
     async def stats() -> dict:
-        return await engine.stats()
+        return await engine.stats_async()
 
     @app.get("/get_weight_version")
     async def get_weight_version() -> dict:
