@@ -171,6 +171,7 @@ def test_32_concurrent_requests_are_batched(server, http):
     assert max(new_sizes) == 32  # one prefill + decode steps carrying all 32 requests
     assert sum(1 for s in new_sizes if s == 32) >= 11
     assert stats["engine"]["max_batch_size"] >= 32 and stats["max_batch_size"] >= 32
+    assert server.async_engine.stats()["engine"]["num_finished"] >= 32  # the blocking form (in-process users)
 
 
 def test_abort_request_returns_partial_abort(http):
