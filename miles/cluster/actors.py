@@ -173,6 +173,8 @@ class EngineActor:
             kw["max_model_len"] = a.engine_max_model_len
         if a.engine_kv_cache_tokens:
             kw["kv_cache_tokens"] = a.engine_kv_cache_tokens
+        if a.engine_kv_memory_fraction:
+            kw["kv_memory_fraction"] = a.engine_kv_memory_fraction
         engine = LLMEngine(EngineConfig(model=a.hf_checkpoint, **kw))
         self.server = serve_engine(engine, host=self.host, model_path=os.path.abspath(a.hf_checkpoint),
                                    stall_timeout=a.phase_timeout)

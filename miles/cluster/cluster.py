@@ -41,8 +41,11 @@ class Cluster:
         placement = create_placement(args, timeout=args.engine_startup_timeout)
         self = cls(args, placement)
         try:
-            self._start_engines()
+            # trainers first: colocated engines size their KV cache from the memory the offloaded trainer leaves
             self._start_trainers()
+            if args.colocate and args.offload_train and self.trainers:
+                self.offload_trainers()
+            self._start_engines()
             self._setup_weight_sync()
         except BaseException:
             self.shutdown()

@@ -53,7 +53,10 @@ class ClusterConfig:
     device: str = flag("auto", "device for trainer and engines", choices=("auto", "cpu", "cuda"))
     engine_max_num_seqs: int = flag(256, "max concurrent sequences per engine batch")
     engine_max_model_len: int | None = flag(None, "engine context length (default: the model's)")
-    engine_kv_cache_tokens: int | None = flag(None, "engine KV-cache capacity in tokens (default: engine's choice)")
+    engine_kv_cache_tokens: int | None = flag(None, "engine KV-cache capacity in tokens on CPU (default: engine's)")
+    engine_kv_memory_fraction: float | None = flag(
+        None, "fraction of free GPU memory for the engine's KV cache (default: engine's; lower it with --colocate)"
+    )
     ray_num_cpus: int | None = flag(None, "CPUs of a locally started Ray (default: all); ignored with RAY_ADDRESS")
     phase_timeout: float = flag(
         3600.0, "seconds any remote phase (rollout, train, sync, save) may take before stacks are dumped and it fails"
