@@ -177,8 +177,10 @@ class LLMEngine:
             any_truncation=any(s.params.top_p < 1 or s.params.top_k > 0 for s in seqs),
         )
 
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return outputs for requests that got tokens, finished or were aborted."""
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """Run one scheduling step; return outputs for requests that got tokens, finished or were aborted.
+
+        `stream=False` reports finished requests only (less per-step work for offline generation)."""
         outputs, self._pending = self._pending, []
         if self.paused or self.asleep:
             return outputs
@@ -207,7 +209,8 @@ class LLMEngine:
             self.block_manager.mark_computed(seq)
         for seq, tok, lp in zip(samplers, tokens, logprobs):
             self._append(seq, tok, lp)
-            outputs.append(self._output(seq))
+            if stream or seq.finished:
+                outputs.append(self._output(seq))
         st.num_generated_tokens += len(tokens)
         dt = time.perf_counter() - t0
         st.busy_time_s += dt
@@ -280,7 +283,7 @@ class LLMEngine:
         while len(done) < len(want):
             if self.paused or self.asleep:
                 raise RuntimeError("run_until_done: the engine is paused or asleep")
-            for out in self.step():
+            for out in self.step(stream=False):
                 if out.finished and out.request_id in want:
                     done[out.request_id] = out
                     if bar is not None:

@@ -179,6 +179,14 @@ def paged_attention_op(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tab
                        decode_seqs, context_lens, query_start, query_lens, prefill_tiles, page, num_partitions,
                        part_len):
     """Write this step's k/v into layer `layer` of the paged cache, then attend (an opaque op for torch.compile)."""
+    return _write_and_attend(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, decode_ctx, decode_rows,
+                             decode_seqs, context_lens, query_start, query_lens, prefill_tiles, page, num_partitions,
+                             part_len)
+
+
+def _write_and_attend(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, decode_ctx, decode_rows,
+                      decode_seqs, context_lens, query_start, query_lens, prefill_tiles, page, num_partitions,
+                      part_len):
     kc, vc = k_cache[layer], v_cache[layer]
     kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
     vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
@@ -195,6 +203,7 @@ def _(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, decode_ctx, 
 def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache, md, num_partitions: int,
                     part_len: int) -> torch.Tensor:
     """q [T, H, D], k/v [T, n_kv, D] of layer `layer`: cache write + decode / prefill kernels."""
-    return paged_attention_op(q, k, v, cache.k, cache.v, layer, md.slot_mapping, md.block_tables, md.decode_ctx,
+    fn = paged_attention_op if torch.compiler.is_compiling() else _write_and_attend  # skip op dispatch when eager
+    return fn(q, k, v, cache.k, cache.v, layer, md.slot_mapping, md.block_tables, md.decode_ctx,
                               md.decode_rows, md.decode_seqs, md.context_lens, md.query_start, md.query_lens,
                               md.prefill_tiles, cache.block_size, num_partitions, part_len)
