@@ -275,3 +275,23 @@ def test_cli_with_yaml_config_joins_running_cluster(env, tmp_path):
     plot = subprocess.run([sys.executable, "-m", "miles.cli", "plot", str(run_dir)], capture_output=True, text=True,
                           timeout=120)
     assert plot.returncode == 0 and (run_dir / "plots" / "reward.png").exists(), plot.stderr
+
+
+def test_async_resume_redraws_the_in_flight_rollout(env):
+    """--async saves the data cursor from *before* the in-flight rollout k+1, so a resume regenerates step k+1
+    from the same prompts (same sample indices) instead of skipping them."""
+    import torch
+
+    dump = str(env["root"] / "async_dump" / "{rollout_id}.pt")
+    dump2 = str(env["root"] / "async_dump2" / "{rollout_id}.pt")
+    save = str(env["root"] / "ckpt_async")
+    _train(_argv(env, "async_full", "--async", "--save", save, "--save-interval", "1",
+                 "--save-debug-rollout-data", dump, steps=3))
+    resumed = _train(_argv(env, "async_resumed", "--async", "--load", save + "/iter_0000002",
+                           "--save-debug-rollout-data", dump2, steps=3))
+    assert [m["step"] for m in resumed] == [2] and resumed[0]["weight_sync/version"] == 3
+
+    def prompts(path):
+        return [(s["index"], s["prompt"]) for s in torch.load(path.format(rollout_id=2), weights_only=False)["samples"]]
+
+    assert prompts(dump2) == prompts(dump)
