@@ -19,7 +19,7 @@ import ray
 import torch
 
 from miles.cluster import weight_sync as ws
-from miles.cluster.phase import dump_all_stacks
+from miles.cluster.phase import dump_all_stacks, enable_stack_dump_signal
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def free_port(host: str = "") -> int:
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    enable_stack_dump_signal()
 
 
 # =============================================================================================

@@ -370,9 +370,11 @@ def prepare_run_dir(args: Any) -> str:
 def run_training(args: Any) -> list[dict]:
     """Start Ray and the cluster, run the loop, tear everything down; returns the per-step metrics."""
     from miles.cluster.cluster import Cluster
+    from miles.cluster.phase import enable_stack_dump_signal
     from miles.cluster.placement import init_ray
 
     prepare_run_dir(args)
+    enable_stack_dump_signal()
     torch.manual_seed(args.seed)
     data_source = make_data_source(args)
     num_rollout = resolve_num_rollout(args, data_source)

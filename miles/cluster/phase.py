@@ -30,6 +30,14 @@ class PhaseError(RuntimeError):
     """A phase failed; the message names it and carries the remote error."""
 
 
+def enable_stack_dump_signal() -> None:
+    """`kill -USR1 <pid>` prints every thread's Python stack to stderr (driver and actors)."""
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def dump_all_stacks() -> str:
     """Python stacks of every thread of this process (faulthandler's format)."""
     with tempfile.TemporaryFile("w+") as fh:
