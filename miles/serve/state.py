@@ -234,19 +234,28 @@ def encode_routed_experts(routed: Any, start: int = 0) -> str:
 DISCONNECTED = object()
 
 
-async def cancel_on_disconnect(request: Any, coro: Any, poll: float = 0.5) -> Any:
-    """Await `coro`; if the HTTP client goes away, cancel it (aborting its engine requests): `DISCONNECTED`."""
+async def wait_disconnect(request: Any) -> None:
+    """Return when the HTTP client disconnects (call only after the body was read; costs nothing meanwhile)."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+async def cancel_on_disconnect(request: Any, coro: Any) -> Any:
+    """Await `coro`; if the HTTP client goes away first, cancel it (aborting its engine requests) and return
+    `DISCONNECTED`. The request body must have been read already."""
     task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(wait_disconnect(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-                return DISCONNECTED
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return DISCONNECTED
     finally:
-        if not task.done():
-            task.cancel()
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
