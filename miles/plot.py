@@ -14,8 +14,10 @@ from pathlib import Path
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of a metrics.jsonl; a bad line is an error naming file and line."""
-    train, evals = [], []
+    """(train records, eval records) of a metrics.jsonl, sorted by step; a bad line is an error naming file and
+    line. A step logged twice (a run resumed from an earlier checkpoint into the same directory) keeps its last
+    record."""
+    latest: dict[tuple[str, int], dict] = {}
     with open(path) as fh:
         for i, line in enumerate(fh, start=1):
             if not line.strip():
@@ -24,8 +26,11 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-            (evals if rec.get("kind") == "eval" else train).append(rec)
-    return train, evals
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError(f"{path}:{i}: expected an object with an integer 'step'")
+            latest[(rec.get("kind", "train"), rec["step"])] = rec
+    records = [latest[k] for k in sorted(latest, key=lambda k: k[1])]
+    return [r for r in records if r.get("kind", "train") != "eval"], [r for r in records if r.get("kind") == "eval"]
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:

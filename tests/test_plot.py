@@ -24,8 +24,11 @@ def _write_run(run_dir):
 def test_plot_writes_pngs(tmp_path):
     run = tmp_path / "run"
     _write_run(run)
+    with open(run / "metrics.jsonl", "a") as fh:  # a resumed run re-logs step 3: the last record wins
+        fh.write(json.dumps({"step": 3, "kind": "train", "rollout/reward_mean": 9.0}) + "\n")
     train, evals = read_metrics(run / "metrics.jsonl")
     assert len(train) == 5 and len(evals) == 3
+    assert [r["step"] for r in train] == [0, 1, 2, 3, 4] and train[3]["rollout/reward_mean"] == 9.0
     paths = plot_run(run)
     names = sorted(p.name for p in paths)
     assert names == ["eval.png", "response_length.png", "reward.png", "timings.png"]
@@ -43,3 +46,6 @@ def test_plot_cli_and_errors(tmp_path, capsys):
     (run / "metrics.jsonl").write_text('{"step": 0}\nnot json\n')
     assert miles_main(["plot", str(run)]) == 2
     assert "metrics.jsonl:2: not JSON" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"step": 0}\n{"kind": "train"}\n')
+    assert miles_main(["plot", str(run)]) == 2
+    assert "metrics.jsonl:2: expected an object with an integer 'step'" in capsys.readouterr().err
