@@ -49,6 +49,7 @@ def _plot(out: Path, title: str, xlabel: str, curves: list[tuple[str, list[float
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     curves = [c for c in curves if c[1]]
     if not curves:
@@ -60,6 +61,7 @@ def _plot(out: Path, title: str, xlabel: str, curves: list[tuple[str, list[float
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -87,8 +89,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     written.append(_plot(out_dir / "reward.png", "training reward (mean ± std)", "step",
                          [("reward", *mean)], band))
 
-    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and k.count("/") == 1
-                        and not k.endswith("truncated_ratio") and not k.endswith("_seconds")})
+    # a dataset's score is `eval/<name>`, logged with `eval/<name>-truncated_ratio`
+    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval/") and f"{k}-truncated_ratio" in r})
     written.append(_plot(out_dir / "eval.png", "held-out eval (mean reward)", "weight updates",
                          [(k.removeprefix("eval/"), *_series(evals, k)) for k in eval_keys]))
 

@@ -17,7 +17,8 @@ def _write_run(run_dir):
                       "rollout/response_len_min": 5, "perf/rollout_seconds": 1.0, "perf/train_seconds": 2.0,
                       "perf/weight_sync_seconds": 0.1, "rollout/weight_versions": [str(s)]})
         if s % 2 == 1:
-            lines.append({"step": s + 1, "kind": "eval", "eval/gsm": 0.1 + 0.1 * s})
+            lines.append({"step": s + 1, "kind": "eval", "eval/gsm": 0.1 + 0.1 * s, "eval/gsm-truncated_ratio": 0.0,
+                          "eval/reward_errors": 0})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n")
 
 

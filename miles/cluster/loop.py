@@ -192,6 +192,8 @@ class RLLoop:
             rewards = d.get("rewards") or []
             if rewards and not metrics.get("eval/logged_by_hook") and f"eval/{name}" not in metrics:
                 metrics[f"eval/{name}"] = sum(rewards) / len(rewards)
+                truncated = d.get("truncated") or []
+                metrics[f"eval/{name}-truncated_ratio"] = sum(map(bool, truncated)) / max(1, len(truncated))
         if args.save_debug_rollout_data:
             save_debug_rollout_data(args.save_debug_rollout_data, f"eval_{updates_done}",
                                     [s for d in out.data.values() for s in d.get("samples", [])])
