@@ -92,6 +92,22 @@ def test_step0_ratio_exactly_one_and_ppo_kl_zero(ckpt):
     assert math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
 
 
+def test_on_policy_fast_path_equals_old_logprob_pass(ckpt):
+    """One step per rollout: pi_old taken from the training forward == a separate pi_old forward, bit for bit."""
+    algo = AlgoConfig(use_tis=True, use_kl_loss=True, kl_loss_coef=0.1)
+    batch = make_batch(6, seed=4, rollout_lp=True)
+    out = []
+    for fast in (True, False):
+        tr = Trainer(ckpt, algo, TrainerConfig(lr=1e-3, device="cpu", micro_batch_size=2))
+        tr.fast_on_policy = fast
+        out.append(grads_of_one_step(tr, batch))
+    (m_fast, g_fast), (m_slow, g_slow) = out
+    for k in ("loss", "pg_loss", "kl_loss", "entropy", "tis", "train_rollout_logprob_abs_diff", "ppo_kl"):
+        assert m_fast[k] == m_slow[k], k
+    for n in g_fast:
+        assert torch.equal(g_fast[n], g_slow[n]), n
+
+
 def test_second_step_of_a_rollout_is_off_policy(ckpt):
     tr = Trainer(ckpt, AlgoConfig(eps_clip=0.2), TrainerConfig(lr=5e-2, device="cpu", global_batch_size=4))
     batch = make_batch(4)
@@ -256,3 +272,12 @@ def test_lr_schedule():
     assert [round(lr_at(s, cfg), 6) for s in range(8)] == [0.5, 1.0, 1.0, round(0.1 + 0.9 * 0.5 * (1 + math.cos(
         math.pi / 4)), 6), 0.55, round(0.1 + 0.9 * 0.5 * (1 + math.cos(3 * math.pi / 4)), 6), 0.1, 0.1]
     assert lr_at(5, TrainerConfig(lr=0.3)) == 0.3
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on first use (~40 s cold on 2 cores)
+def test_compiled_layers_old_logprobs_match_training_forward(ckpt):
+    """--compile-model: the pi_old forward runs the training graph, so the first step's ratio is exactly 1."""
+    tr = Trainer(ckpt, AlgoConfig(), TrainerConfig(lr=1e-3, device="cpu", compile=True, micro_batch_size=4))
+    tr.fast_on_policy = False  # force the separate pi_old forward
+    m = tr.train(make_batch(4))
+    assert m["ppo_kl"] == 0.0 and m["ratio_max"] == 1.0 and m["ratio_min"] == 1.0

@@ -80,6 +80,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.skipped_steps = 0  # steps skipped for a non-finite grad norm
         self.offloaded = False
+        self.fast_on_policy = True  # see train(): skip the pi_old forward when it equals the training forward
         self.loss_fn = load_function(self.algo.custom_loss_function_path) \
             if self.algo.loss_type == "custom_loss" else None
         self.reducer_factory = load_function(self.algo.custom_pg_loss_reducer_function_path) \
@@ -103,17 +104,22 @@ class Trainer:
                     with_entropy=with_entropy, return_logits=return_logits)
         return out, packed
 
-    @torch.no_grad()
     def _logprob_pass(self, samples: list[TrainSample], micro_batches: list[list[int]], need_old: bool,
                       need_ref: bool) -> dict[int, dict[str, Tensor]]:
-        """Per-sample (CPU fp32) old log-probs + entropy and reference log-probs at response positions."""
+        """Per-sample (CPU fp32) old log-probs + entropy and reference log-probs at response positions.
+
+        With --compile-model the policy forward runs in grad mode (graph dropped at once) so it executes the
+        very compiled graph the training forward uses: pi_old then equals pi bit for bit at a rollout's first step.
+        """
         out: dict[int, dict[str, Tensor]] = defaultdict(dict)
         for mb in micro_batches:
             batch = [samples[i] for i in mb] or [_DUMMY]
             for name, model, ent in (("old", self.model, True), ("ref", self.ref, False)):
                 if (name == "old" and not need_old) or (name == "ref" and not need_ref):
                     continue
-                (logp, entropy), _ = self._forward(model, batch, with_entropy=ent)
+                with torch.set_grad_enabled(name == "old" and self.cfg.compile):
+                    (logp, entropy), _ = self._forward(model, batch, with_entropy=ent)
+                logp, entropy = logp.detach(), None if entropy is None else entropy.detach()
                 for i, piece in zip(mb, logp.float().cpu().split([s.response_length for s in batch])):
                     out[i][name] = piece
                 if ent:
@@ -147,7 +153,11 @@ class Trainer:
 
         # pi_old / reference log-probs (weights at the start of this rollout)
         need_ref = self.ref is not None and not all(s.ref_log_probs is not None for s in samples)
-        need_old = not algo.use_rollout_logprobs or algo.entropy_coef == 0
+        # On-policy fast path: with one optimizer step per rollout pi_old == pi_theta, so the training forward's
+        # detached log-probs serve as pi_old (ratio exactly 1) and the separate log-prob forward is skipped.
+        # The old pass is still needed when advantages use the KL (kl_coef) or there are several steps.
+        on_policy = self.fast_on_policy and len(steps) == 1 and algo.kl_coef == 0 and self.loss_fn is None
+        need_old = not on_policy and (not algo.use_rollout_logprobs or algo.entropy_coef == 0)
         lp = self._logprob_pass(samples, [mb for step in lp_plan for mb in step], need_old, need_ref)
         data: dict[int, dict[str, Tensor]] = {}
         for i in mine:
@@ -204,14 +214,15 @@ class Trainer:
             if self.loss_fn is not None:
                 loss, red, tok = self._custom_loss(batch, rows, weight)
             else:
-                with_ent = algo.entropy_coef != 0
+                with_ent = algo.entropy_coef != 0 or not any("entropy" in r for r in rows)
                 (logp, entropy), packed = self._forward(self.model, batch, with_entropy=with_ent)
                 old = cat("old")
                 reducer = self._pg_reducer(batch, masks, n_samples) if self.reducer_factory else None
                 x = LossInputs(logp=logp, old_logp=old if old is not None else logp.detach(),
                                advantages=cat("adv") if "adv" in rows[0] else torch.zeros_like(logp),
                                mask=mask, weight=weight, segments=packed.segments, n_seq=len(batch),
-                               rollout_logp=cat("rollout"), ref_logp=cat("ref"), entropy=entropy,
+                               rollout_logp=cat("rollout"), ref_logp=cat("ref"),
+                               entropy=entropy if algo.entropy_coef != 0 else None,
                                pg_reducer=reducer)
                 loss, red, tok = compute_loss(algo, x)
                 if algo.loss_type == "policy_loss":
@@ -221,6 +232,8 @@ class Trainer:
                     ratio_ext = torch.maximum(ratio_ext, torch.stack([hi, -lo]).double())
             if "entropy" in rows[0] and all("entropy" in r for r in rows):
                 tok["entropy"] = (torch.cat([r["entropy"] for r in rows]) * torch.cat(masks)).sum().to(self.device)
+            elif self.loss_fn is None and entropy is not None:
+                tok["entropy"] = (entropy.detach() * mask).sum()
             (loss * self.world_size).backward()  # FSDP averages gradients over ranks; we want the sum
             for j, k in enumerate(REDUCED_KEYS):
                 if k in red:
