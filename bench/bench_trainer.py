@@ -3,8 +3,10 @@
 For each model shape (Qwen3-0.6B / 1.7B, random weights, bf16 compute, fp32 master weights + AdamW):
   * hf:          AutoModelForCausalLM (sdpa attention, torch.autocast bf16), [B, S] batches, CE over all tokens,
                  fused torch AdamW, clip-grad -- the plain baseline;
-  * miles_step:  Trainer.train() with the log-prob pass cached (forward+backward+AdamW only; same work as hf);
-  * miles_rl:    Trainer.train() end to end (adds the no-grad pi_old forward + GRPO advantages).
+  * miles_step:  Trainer.train() end to end with one optimizer step per rollout (pi_old taken from the
+                 training forward: forward + backward + AdamW, the same work as hf, plus GRPO advantages);
+  * miles_rl:    Trainer.train() with a separate pi_old forward first (what each step of a multi-step rollout
+                 pays), whose first call also checks that the ratio is exactly 1 on the GPU.
 Each micro-batch packs `seqs_per_mb` sequences of `seq_len` tokens (~16k tokens); `mbs` micro-batches per
 optimizer step. MFU = model FLOPs (6 N_matmul + causal attention per token; 2 N + attention for the extra
 no-grad forward of miles_rl; recomputation not counted) / time / peak dense bf16 of the card.
@@ -121,20 +123,16 @@ def bench_miles(path: str, args, compile_on: bool, gc_on: bool) -> dict:
                   response_length=args.seq_len - 1, reward=float(i % 2), group_index=i // args.seqs_per_mb)
              for i in range(args.mbs * args.seqs_per_mb * dist.get_world_size())]
     out = {}
+    # one optimizer step per rollout: pi_old comes from the training forward (on-policy fast path)
+    metrics: dict = {}
+    out["sec_per_step"] = timed(lambda: metrics.update(tr.train(batch)), args.iters)
+    # with a separate pi_old forward (what every step of a multi-step rollout pays); its first call is step 0
+    tr.fast_on_policy = False
     first: dict = {}
     out["rl_sec_per_step"] = timed(lambda: first.setdefault("m", tr.train(batch)), args.iters)
-    # step 0 on the GPU (bf16 compute): pi_old == pi, so the ratio must be exactly 1
+    tr.fast_on_policy = True
+    # pi_old forward == training forward on the GPU too (bf16; compiled or not): ratio exactly 1
     out["step0"] = {k: first["m"][k] for k in ("ppo_kl", "ratio_max", "ratio_min", "pg_clipfrac", "entropy")}
-    orig, cache = tr._logprob_pass, {}
-
-    def cached(*a, **k):
-        if "lp" not in cache:
-            cache["lp"] = orig(*a, **k)
-        return cache["lp"]
-
-    tr._logprob_pass = cached
-    metrics = {}
-    out["sec_per_step"] = timed(lambda: metrics.update(tr.train(batch)), args.iters)
     out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
