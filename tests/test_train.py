@@ -25,6 +25,12 @@ async def length_rm(args, sample):
     return float(sum(sample.tokens[-sample.response_length:]) % 3 == 0)
 
 
+async def even_token_rm(args, sample):
+    """Fraction of even token ids in the response: learnable by a tiny random model in a few steps."""
+    resp = sample.tokens[-sample.response_length:]
+    return sum(t % 2 == 0 for t in resp) / max(1, len(resp))
+
+
 async def seeded_generate(args, sample, sampling_params):
     """Default generate with a per-sample seed: sampling is a pure function of (weights, prompt, index)."""
     from miles.rollout.generate import generate
@@ -300,3 +306,12 @@ def test_async_resume_redraws_the_in_flight_rollout(env):
         return [(s["index"], s["prompt"]) for s in torch.load(path.format(rollout_id=2), weights_only=False)["samples"]]
 
     assert prompts(dump2) == prompts(dump)
+
+
+def test_grpo_learns_a_toy_reward(env):
+    """The whole loop optimizes: GRPO drives the even-token reward from ~0.5 towards 1 in a dozen steps."""
+    argv = _argv(env, "learn", "--custom-rm-path", "test_train.even_token_rm", "--rollout-batch-size", "4",
+                 "--n-samples-per-prompt", "8", "--lr", "3e-2", steps=12)
+    rewards = [m["rollout/reward_mean"] for m in _train(argv)]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert first < 0.7 and last > first + 0.25, rewards
