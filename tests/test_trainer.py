@@ -281,3 +281,41 @@ def test_compiled_layers_old_logprobs_match_training_forward(ckpt):
     tr.fast_on_policy = False  # force the separate pi_old forward
     m = tr.train(make_batch(4))
     assert m["ppo_kl"] == 0.0 and m["ratio_max"] == 1.0 and m["ratio_min"] == 1.0
+
+
+def drgrpo_reducer(total_lengths, response_lengths, loss_masks, calculate_per_token_loss=False):
+    """slime reducer factory: sum over samples of masked token sums / 16 (Dr.GRPO constant)."""
+    def reduce(x):
+        return sum((p * m).sum() for p, m in zip(x.split(response_lengths), loss_masks)) / 16
+    return reduce
+
+
+def test_custom_pg_reducer_equals_builtin_constant(ckpt):
+    batch = make_batch(6, seed=6)
+    cfg = TrainerConfig(lr=1e-3, device="cpu", micro_batch_size=4)
+    builtin = AlgoConfig(loss_reduction="constant", loss_reduction_constant=16)
+    custom = AlgoConfig(custom_pg_loss_reducer_function_path="test_trainer.drgrpo_reducer")
+    (m1, g1), (m2, g2) = (grads_of_one_step(Trainer(ckpt, a, cfg), batch) for a in (builtin, custom))
+    assert m2["pg_loss"] == pytest.approx(m1["pg_loss"], rel=1e-6)
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-8)
+
+
+def test_checkpoint_latest_pointer_and_other_model_rejected(ckpt, moe_ckpt, tmp_path):
+    from miles.trainer.checkpoint import CheckpointMismatchError
+
+    tr = Trainer(ckpt, AlgoConfig(), TrainerConfig(lr=1e-2, device="cpu"))
+    tr.train(make_batch(4))
+    tr.save(tmp_path / "ck")
+    tr.train(make_batch(4, seed=1))
+    tr.save(tmp_path / "ck")
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_00000002"
+    (tmp_path / "ck" / ".tmp-step_00000003").mkdir()  # debris of a save killed midway: ignored
+    fresh = Trainer(ckpt, AlgoConfig(), TrainerConfig(lr=1e-2, device="cpu"))
+    assert fresh.load(tmp_path / "ck") == 2
+    assert fresh.load(tmp_path / "ck" / "step_00000001") == 1
+    other = Trainer(moe_ckpt, AlgoConfig(), TrainerConfig(lr=1e-2, device="cpu"))
+    with pytest.raises(CheckpointMismatchError, match="another model: model_type = 'qwen3' there"):
+        other.load(tmp_path / "ck")
+    with pytest.raises(FileNotFoundError, match="not a Miles trainer checkpoint"):
+        other.load(tmp_path)
