@@ -109,6 +109,29 @@ def make_miles_checkpoint(cfg, path: str) -> None:
     torch.cuda.empty_cache()
 
 
+def check_cpu_offload(path: str, args) -> dict:
+    """One train() with --optimizer-cpu-offload (FSDP2 CPUOffloadPolicy): it runs, and how fast."""
+    from miles.trainer.config import AlgoConfig, TrainerConfig
+    from miles.trainer.trainer import Trainer
+
+    try:
+        cfg = TrainerConfig(lr=1e-6, device="cuda", use_dynamic_batch_size=True, optimizer_cpu_offload=True,
+                            max_tokens_per_gpu=args.seqs_per_mb * args.seq_len, n_samples_per_prompt=args.seqs_per_mb)
+        tr = Trainer(path, AlgoConfig(), cfg)
+        g = torch.Generator().manual_seed(0)
+        batch = [dict(tokens=torch.randint(0, VOCAB, (args.seq_len,), generator=g).tolist(),
+                      response_length=args.seq_len - 1, reward=float(i % 2)) for i in range(args.seqs_per_mb)]
+        tr.train(batch)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        m = tr.train(batch)
+        torch.cuda.synchronize()
+        return {"sec_per_step": time.perf_counter() - t, "tokens": args.seqs_per_mb * args.seq_len,
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": m["loss"], "step": m["step"]}
+    except Exception as e:  # report, keep benchmarking
+        return {"error": repr(e)[:500]}
+
+
 def bench_miles(path: str, args, compile_on: bool, gc_on: bool) -> dict:
     from miles.trainer.config import AlgoConfig, TrainerConfig
     from miles.trainer.trainer import Trainer
@@ -184,7 +207,8 @@ def main() -> None:
     p.add_argument("--mbs", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--chunk", type=int, default=4096, help="log-prob chunk size (tokens)")
-    p.add_argument("--check-offload", action="store_true")
+    p.add_argument("--check-offload", action="store_true", help="offload()/onload() round trip (first model)")
+    p.add_argument("--check-cpu-offload", action="store_true", help="one step with --optimizer-cpu-offload")
     p.add_argument("--profile", type=int, default=0, help="print the top-N CUDA ops of one Miles step")
     p.add_argument("--compile", action="store_true", help="also run the Miles trainer with --compile-model")
     p.add_argument("--skip-hf", action="store_true", help="only the Miles trainer")
@@ -223,6 +247,10 @@ def main() -> None:
                 r["miles_rl" + tag] = {"sec_per_step": mi["rl_sec_per_step"], "grad_ckpt": mi_gc, "step0": mi["step0"]}
                 if "offload" in mi:
                     r["offload_check"] = mi["offload"]
+            if args.check_cpu_offload:
+                args.check_cpu_offload = False
+                r["optimizer_cpu_offload_check"] = check_cpu_offload(d, args)
+                _release()
         for k, v in r.items():
             if "sec_per_step" not in v:
                 continue
