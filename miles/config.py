@@ -286,6 +286,8 @@ def load_yaml_config(path: str, info: ParserInfo) -> dict[str, Any]:
         raise ConfigError(f"{path}:{root.start_mark.line + 1}: the top level must be a mapping of flag names to values")
     group_names = {name for name, _, _ in info.groups}
     disables = {s.disable_flag.lstrip("-").replace("-", "_"): s for s in info.specs.values() if s.disable_flag}
+    aliases = {f.lstrip("-").replace("-", "_"): s.name for s in info.specs.values() if not s.disable_flag
+               for f in s.flags}  # e.g. `async` -> async_train
     out: dict[str, Any] = {}
 
     def visit(mapping: yaml.MappingNode, nested: bool) -> None:
@@ -296,6 +298,7 @@ def load_yaml_config(path: str, info: ParserInfo) -> dict[str, Any]:
                 visit(value_node, True)
                 continue
             value = yaml.safe_load(yaml.serialize(value_node))
+            key = key if key in info.specs else aliases.get(key, key)
             if key in info.specs:
                 out[key] = _convert_yaml_value(info.specs[key], value, where)
             elif key in disables:

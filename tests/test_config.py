@@ -56,10 +56,12 @@ def test_dataclass_fields_become_flags():
 
 def test_yaml_supplies_keys_and_cli_overrides(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("steps: 9\nrate: 2\nnames: [p, q]\ntoy:\n  mode: b\ndisable-normalize: true\nextra: {a: [1]}\n")
+    y.write_text("steps: 9\nrate: 2\nnames: [p, q]\ntoy:\n  mode: b\ndisable-normalize: true\nextra: {a: [1]}\n"
+                 "async: true\n")
     cfg = _toy([], y)
     assert (cfg.toy.steps, cfg.toy.rate, cfg.toy.names, cfg.toy.mode, cfg.toy.normalize, cfg.toy.extra) == (
         9, 2.0, ["p", "q"], "b", False, {"a": [1]})
+    assert cfg.toy.is_async is True  # a key may also be the flag's name
     assert _toy(["--steps", "1"], y).toy.steps == 1
 
 
