@@ -50,6 +50,7 @@ class ModelRunner:
         # torch.compile the graph-captured decode forward (fuses the model's elementwise ops); its graphs do not
         # record MoE routing, so batches that want routed experts then run eagerly
         self.compile = compile and self.use_cuda_graphs
+        self.decode_parts = self._decode_partitions() if self.use_triton else (1, 0)
         self.is_moe = self.config.is_moe
         self.cache: KVCache | None = None
         self._static: dict[str, torch.Tensor] | None = None
@@ -72,13 +73,13 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     # ---- decode partitioning -------------------------------------------------------------------------------
-    def _partitions(self, num_seqs: int, max_ctx: int) -> tuple[int, int]:
+    def _decode_partitions(self) -> tuple[int, int]:
+        """Split-K of the decode kernel: one fixed (count, keys per partition) for every step and graph, so each
+        Triton kernel compiles once (the count is a compile-time constant) and torch.compile never re-traces."""
         from miles.engine.triton_attention import partition_len
 
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        want = math.ceil(4 * sms / max(1, num_seqs * self.config.num_key_value_heads))
-        p = max(1, min(want, math.ceil(max_ctx / 256)))
-        return p, partition_len(max_ctx, p)
+        parts = max(1, min(8, math.ceil(self.max_model_len / 512)))
+        return parts, partition_len(self.max_model_len, parts)
 
     # ---- metadata ------------------------------------------------------------------------------------------
     def _metadata(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata, list[int]]:
@@ -144,8 +145,8 @@ class ModelRunner:
         else:
             input_ids, positions, md, sample_rows = self._metadata(batch)
             attn = PagedAttention(self.cache, md, self.use_triton)
-            if self.use_triton and md.decode_rows.numel():
-                attn.num_partitions, attn.part_len = self._partitions(md.decode_rows.numel(), max(md.context_lens_cpu))
+            if self.use_triton:
+                attn.num_partitions, attn.part_len = self.decode_parts
             hidden = self.model(input_ids, positions, attn, routing)
             logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else None
             routed = routing.stacked().cpu() if routing is not None else None
@@ -182,14 +183,9 @@ class ModelRunner:
 
     def _graph_forward(self, inp: torch.Tensor, rows: torch.Tensor, routing: RoutingCapture | None) -> torch.Tensor:
         """Decode forward over static inputs `inp` [5, b] -> logits [b, V] (what each graph captures)."""
-        b = rows.shape[0]
         md = AttnMetadata(inp[2], self._static["bt"], inp[3], rows, rows, None, None, decode_rows=rows,
                           decode_seqs=inp[4], decode_ctx=inp[3], prefill_tiles=None)
-        if self.compile:  # one partition count for all buckets: no recompilation per batch size
-            p, plen = self._graph_partitions
-        else:
-            p, plen = self._partitions(b, self.max_model_len)
-        attn = PagedAttention(self.cache, md, True, p, plen)
+        attn = PagedAttention(self.cache, md, True, *self.decode_parts)
         return self.model.compute_logits(self.model(inp[0], inp[1], attn, routing))
 
     @torch.inference_mode()
@@ -201,10 +197,6 @@ class ModelRunner:
         inp = s["inp"]
         inp[2].fill_(self.cache.scratch_slot)
         inp[4].fill_(self.max_num_seqs)
-        from miles.engine.triton_attention import partition_len
-
-        parts = max(1, min(8, math.ceil(self.max_model_len / 512)))
-        self._graph_partitions = (parts, partition_len(self.max_model_len, parts))
         fwd = torch.compile(self._graph_forward, dynamic=True) if self.compile else self._graph_forward
         pool = None
         for b in reversed(graph_buckets(self.graph_max_bs)):
