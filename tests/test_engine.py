@@ -68,12 +68,13 @@ def test_logprobs_match_full_forward(ckpts, arch):
     assert worst < 1e-5
 
 
-def test_prefix_sharing_allocates_prompt_once(ckpts):
+@pytest.mark.parametrize("budget", [8192, 8])  # 8: the first sample's prompt is prefilled in chunks
+def test_prefix_sharing_allocates_prompt_once(ckpts, budget):
     prompt = list(range(10, 31))  # 21 tokens, block_size 4: 5 shareable full blocks
     params = [SamplingParams(temperature=1.0, max_new_tokens=12, seed=s, ignore_eos=True) for s in range(8)]
     results = {}
     for on in (True, False):
-        engine = make_engine(ckpts["qwen3"], enable_prefix_caching=on)
+        engine = make_engine(ckpts["qwen3"], enable_prefix_caching=on, max_num_batched_tokens=budget)
         outs = engine.generate([prompt] * 8, params)
         results[on] = ([o.output_ids for o in outs], [o.logprobs for o in outs], engine.block_manager)
     (ids_on, lp_on, bm_on), (ids_off, lp_off, bm_off) = results[True], results[False]
@@ -131,3 +132,19 @@ def test_routed_experts_match_full_forward(ckpts):
     with torch.no_grad():
         engine.model(full, torch.arange(len(full)), VarlenAttention.from_lengths([len(full)]), cap)
     assert torch.equal(torch.tensor(out.routed_experts), cap.stacked())
+
+
+def test_abort_waiting_request_and_unknown_ids(ckpts):
+    engine = make_engine(ckpts["qwen3"], max_num_seqs=1)
+    a = engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_new_tokens=5))
+    b = engine.add_request([8, 9], SamplingParams(temperature=0, max_new_tokens=5))
+    engine.step()  # a runs, b waits (max_num_seqs=1)
+    assert engine.abort(b)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request([1, 2], request_id=a)
+    outs = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] = o
+    assert outs[b].finish_reason == "abort" and outs[b].output_ids == []
+    assert outs[a].finish_reason == "length" and len(outs[a].output_ids) == 5
