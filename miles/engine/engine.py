@@ -187,6 +187,10 @@ class LLMEngine:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
+            if self.scheduler.waiting and not self.scheduler.running:  # never expected: fail loudly, never hang
+                seq = self.scheduler.waiting[0]
+                raise RuntimeError(f"scheduler cannot admit request {seq.request_id} ({len(seq)} tokens) into an "
+                                   f"idle engine ({self.block_manager.num_free_blocks} free KV blocks)")
             return outputs
         samplers = [s for s, n in batch if s.num_computed + n == len(s)]
         sb = self._sampling_batch(samplers) if samplers else None
