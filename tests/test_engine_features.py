@@ -147,3 +147,17 @@ def test_sleep_wake_up(engine):
     final = [o for o in engine.run_until_done([rid])]
     assert final[0].output_ids == want and final[0].num_preemptions == 1
     assert engine.generate([ids], greedy())[0].output_ids == want
+
+
+def test_flush_cache_and_stats(engine):
+    ids = engine.tokenizer.encode(PROMPT)
+    rid = engine.add_request(ids, greedy(n=3))
+    engine.step()
+    assert engine.flush_cache() is False  # requests in flight: nothing flushed (SGLang semantics)
+    engine.run_until_done([rid])
+    engine.generate([ids] * 3, greedy(n=3))  # the shared prefix is cached
+    assert engine.block_manager.num_prefix_hit_blocks > 0
+    assert engine.flush_cache() is True and not engine.block_manager.hash_to_block
+    stats = engine.stats.as_dict(engine)
+    assert stats["max_batch_size"] == 3 and stats["num_finished"] == 4 and stats["num_running"] == 0
+    assert stats["num_generated_tokens"] == 12 and stats["weight_version"] == 0
