@@ -252,7 +252,7 @@ def main() -> None:
                 r["optimizer_cpu_offload_check"] = check_cpu_offload(d, args)
                 _release()
         for k, v in r.items():
-            if "sec_per_step" not in v:
+            if "sec_per_step" not in v or "grad_ckpt" not in v:
                 continue
             flops = tokens * (f_train + (f_fwd if k.startswith("miles_rl") else 0))
             v["tokens_per_s"] = tokens / v["sec_per_step"]
@@ -268,6 +268,11 @@ def main() -> None:
                 if "tokens_per_s" in v:
                     print(f"{name:<12} {k:<19} {v['tokens_per_s']:>9.0f} {v['mfu']:>6.1%} {v['sec_per_step']:>7.3f} "
                           f"{v.get('peak_mem_gib', float('nan')):>6.1f} {v['grad_ckpt']}")
+            for k, v in r.items():
+                if "step0" in v:
+                    print(f"{name} {k} step 0: {v['step0']}")
+                if k.endswith("check"):
+                    print(f"{name} {k}: {v}")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
