@@ -345,6 +345,8 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
         self.runner.free_cache()
         self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the weights' memory back to the driver, not just to torch's cache
         self.asleep = True
 
     def wake_up(self) -> None:
