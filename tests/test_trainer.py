@@ -319,3 +319,14 @@ def test_checkpoint_latest_pointer_and_other_model_rejected(ckpt, moe_ckpt, tmp_
         other.load(tmp_path / "ck")
     with pytest.raises(FileNotFoundError, match="not a Miles trainer checkpoint"):
         other.load(tmp_path)
+
+
+def test_use_rollout_logprobs_as_pi_old(ckpt):
+    """--use-rollout-logprobs: pi_old = engine log-probs (here ~-3.5 while the model gives ~-6.2 = ln 1/500)."""
+    tr = Trainer(ckpt, AlgoConfig(use_rollout_logprobs=True), TrainerConfig(lr=1e-3, device="cpu",
+                                                                            num_steps_per_rollout=2))
+    m = tr.train(make_batch(8, rollout_lp=True))
+    assert 2.0 < m["ppo_kl"] < 3.5  # mean(log pi_rollout - log pi_theta)
+    assert m["ratio_max"] < 0.2 and m["pg_clipfrac"] > 0  # ratio ~ e^-2.7: clipped for A < 0 tokens
+    assert m["train_rollout_logprob_abs_diff"] == 0.0  # pi_old *is* the rollout policy
+    assert 5.0 < m["entropy"] < 6.3 and m["num_optimizer_steps"] == 2

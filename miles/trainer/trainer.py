@@ -157,7 +157,7 @@ class Trainer:
         # detached log-probs serve as pi_old (ratio exactly 1) and the separate log-prob forward is skipped.
         # The old pass is still needed when advantages use the KL (kl_coef) or there are several steps.
         on_policy = self.fast_on_policy and len(steps) == 1 and algo.kl_coef == 0 and self.loss_fn is None
-        need_old = not on_policy and (not algo.use_rollout_logprobs or algo.entropy_coef == 0)
+        need_old = not on_policy and not algo.use_rollout_logprobs  # (entropy then comes from the training forward)
         lp = self._logprob_pass(samples, [mb for step in lp_plan for mb in step], need_old, need_ref)
         data: dict[int, dict[str, Tensor]] = {}
         for i in mine:
@@ -186,7 +186,8 @@ class Trainer:
                     data[i]["adv"] = a
 
         per_step = [self._train_step(samples, data, step, plan) for step, plan in zip(steps, train_plan)]
-        metrics = {k: sum(m[k] for m in per_step) / len(per_step) for k in per_step[0]}
+        keys = dict.fromkeys(k for m in per_step for k in m)
+        metrics = {k: sum(vals) / len(vals) for k in keys if (vals := [m[k] for m in per_step if k in m])}
         metrics.update(step=float(self.step), skipped_steps=float(self.skipped_steps),
                        num_optimizer_steps=float(len(per_step)))
         return metrics
