@@ -144,6 +144,8 @@ def test_kl_loss_zero_at_start_then_positive(ckpt):
     assert m1["kl_loss"] == 0.0  # reference == initial weights
     m2 = tr.train(batch)
     assert m2["kl_loss"] > 0.0
+    tr.update_ref()  # --ref-update-interval: reference := current policy
+    assert tr.train(batch)["kl_loss"] == 0.0
 
 
 def test_reinforce_plus_plus_with_kl_in_reward(ckpt):

@@ -43,6 +43,8 @@ class AlgoConfig:
     kl_loss_coef: float = _f(0.0, "Weight of the KL loss term.")
     kl_loss_type: str = _f("k1", "KL estimator for the loss.", choices=KL_TYPES)
     kl_coef: float = _f(0.0, "KL penalty folded into token rewards (reinforce_plus_plus[_baseline]).")
+    ref_update_interval: int | None = _f(None, "Copy the policy into the reference model every N rollouts "
+                                         "(Trainer.update_ref; None = the reference stays the initial weights).")
     entropy_coef: float = _f(0.0, "Entropy bonus: loss -= coef * entropy.")
     use_tis: bool = _f(False, "Truncated importance sampling with the rollout log-probs.")
     tis_clip: float = _f(2.0, "Upper clamp of the TIS weight pi_old/pi_rollout.")
@@ -92,6 +94,8 @@ class AlgoConfig:
             raise ConfigError("--tis-clip-low must be <= --tis-clip")
         if self.loss_reduction == "constant" and not self.loss_reduction_constant:
             raise ConfigError("--loss-reduction constant requires --loss-reduction-constant")
+        if self.ref_update_interval is not None and self.ref_update_interval < 1:
+            raise ConfigError(f"--ref-update-interval must be >= 1, got {self.ref_update_interval}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"--gamma must be in [0, 1], got {self.gamma}")
 

@@ -315,6 +315,16 @@ class Trainer:
         else:
             dist.all_reduce(t, op=op)
 
+    @torch.no_grad()
+    def update_ref(self) -> None:
+        """Copy the current policy weights into the reference model (--ref-update-interval); local shards only."""
+        if self.ref is None:
+            raise RuntimeError("update_ref: no reference model (KL is off: --use-kl-loss/--kl-coef)")
+        for (name, p), (ref_name, r) in zip(self.model.named_parameters(), self.ref.named_parameters()):
+            assert name == ref_name, (name, ref_name)
+            src, dst = (t.to_local() if isinstance(t, DTensor) else t for t in (p, r))
+            dst.copy_(src)
+
     # ------------------------------------------------------------------ state, export, weight sync
 
     def save(self, directory: str | Path) -> Path:
