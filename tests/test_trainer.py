@@ -332,3 +332,21 @@ def test_use_rollout_logprobs_as_pi_old(ckpt):
     assert m["ratio_max"] < 0.2 and m["pg_clipfrac"] > 0  # ratio ~ e^-2.7: clipped for A < 0 tokens
     assert m["train_rollout_logprob_abs_diff"] == 0.0  # pi_old *is* the rollout policy
     assert 5.0 < m["entropy"] < 6.3 and m["num_optimizer_steps"] == 2
+
+
+def test_remove_sample_keeps_group_statistics_but_trains_nothing(ckpt):
+    batch = make_batch(4, seed=8)
+    batch[1].update(remove_sample=True, loss_mask=[0] * batch[1]["response_length"])
+    other = [dict(s) for s in batch]
+    other[1]["tokens"] = [7] * len(batch[1]["tokens"])  # a removed sample's tokens must not matter
+    dropped = [dict(s) for s in batch]
+    dropped[1]["reward"] = 100.0  # ... but its reward does (GRPO group mean/std)
+    cfg = TrainerConfig(lr=1e-3, device="cpu", micro_batch_size=2)
+    (m1, g1), (m2, g2), (m3, g3) = (grads_of_one_step(Trainer(ckpt, AlgoConfig(), cfg), b)
+                                    for b in (batch, other, dropped))
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+    assert any(not torch.equal(g1[n], g3[n]) for n in g1)
+    assert m1["train_tokens"] == sum(sum(s["loss_mask"]) for i, s in enumerate(batch) if i != 1)
+    with pytest.raises(BatchError, match="nothing to train"):
+        Trainer(ckpt, AlgoConfig(), cfg).train([dict(s, remove_sample=True) for s in batch])

@@ -53,8 +53,9 @@ def reinforce_plus_plus_returns(reward: float, kl: Tensor | None, mask: Tensor, 
     token_rewards = torch.zeros(mask.numel(), dtype=torch.float32)
     if kl is not None and kl_coef != 0:
         token_rewards -= kl_coef * kl.to(torch.float32)
-    last = int(mask.nonzero()[-1])
-    token_rewards[last] += reward
+    trainable = mask.nonzero()
+    if trainable.numel():  # a removed sample (all-zero mask) gets no reward token
+        token_rewards[int(trainable[-1])] += reward
     return discounted_returns(token_rewards, mask.to(torch.float32), gamma)
 
 

@@ -13,6 +13,8 @@ Per sample:
                        --use-rollout-logprobs and the train/rollout mismatch metric)
     ref_log_probs      reference log-probs per response token (else the trainer computes them when needed)
     group_index        prompt group (GRPO statistics); None = consecutive chunks of n_samples_per_prompt
+    remove_sample      slime's flag: the sample still counts in its group's reward statistics and in the
+                       per-sample normaliser, but trains no token (its loss mask may be all zeros)
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ class TrainSample:
     rollout_log_probs: list[float] | None = None
     ref_log_probs: list[float] | None = None
     group_index: int | None = None
+    remove_sample: bool = False
 
     def mask_tensor(self) -> Tensor:
+        if self.remove_sample:
+            return torch.zeros(self.response_length, dtype=torch.float32)
         if self.loss_mask is None:
             return torch.ones(self.response_length, dtype=torch.float32)
         return torch.as_tensor(self.loss_mask, dtype=torch.float32)
@@ -57,6 +62,7 @@ def as_train_sample(x: Any) -> TrainSample:
         return x
     get = x.get if isinstance(x, Mapping) else (lambda k, d=None: getattr(x, k, d))
     kw = {k: get(k, None) for k in _FIELDS}
+    kw["remove_sample"] = bool(kw["remove_sample"])
     return TrainSample(**kw)
 
 
@@ -66,6 +72,8 @@ def validate_batch(batch: Sequence[Any], vocab_size: int, n_samples_per_prompt: 
     if len(batch) == 0:
         raise BatchError("empty training batch")
     samples = [as_train_sample(x) for x in batch]
+    if all(s.remove_sample for s in samples):
+        raise BatchError("every sample of the batch has remove_sample set: nothing to train")
     have_adv = [s.advantages is not None for s in samples]
     if any(have_adv) and not all(have_adv):
         raise BatchError(f"sample {have_adv.index(not have_adv[0])}: either every sample carries advantages or none")
@@ -89,8 +97,8 @@ def validate_batch(batch: Sequence[Any], vocab_size: int, n_samples_per_prompt: 
             m = torch.as_tensor(s.loss_mask)
             if not bool(((m == 0) | (m == 1)).all()):
                 raise BatchError(f"{where}: loss_mask must contain only 0/1")
-            if int(m.sum()) == 0:
-                raise BatchError(f"{where}: loss_mask is empty (all zeros) -- drop the sample instead")
+            if int(m.sum()) == 0 and not s.remove_sample:
+                raise BatchError(f"{where}: loss_mask is empty (all zeros); drop the sample or set remove_sample")
         if need_reward and s.advantages is None:
             if s.reward is None or isinstance(s.reward, Mapping):
                 raise BatchError(f"{where}: reward must be a number (select dict rewards with --reward-key), "
