@@ -350,3 +350,15 @@ def test_remove_sample_keeps_group_statistics_but_trains_nothing(ckpt):
     assert m1["train_tokens"] == sum(sum(s["loss_mask"]) for i, s in enumerate(batch) if i != 1)
     with pytest.raises(BatchError, match="nothing to train"):
         Trainer(ckpt, AlgoConfig(), cfg).train([dict(s, remove_sample=True) for s in batch])
+
+
+def test_separate_log_prob_token_budget(ckpt):
+    """--log-probs-max-tokens-per-gpu packs the pi_old forward differently from training; results agree."""
+    out = []
+    for lp_budget in (None, 200):
+        cfg = TrainerConfig(lr=1e-3, device="cpu", use_dynamic_batch_size=True, max_tokens_per_gpu=30,
+                            log_probs_max_tokens_per_gpu=lp_budget, num_steps_per_rollout=2)
+        out.append(Trainer(ckpt, AlgoConfig(), cfg).train(make_batch(8)))
+    for k in ("loss", "ppo_kl", "entropy", "grad_norm"):
+        assert out[1][k] == pytest.approx(out[0][k], rel=1e-4, abs=1e-7), k
+    assert out[0]["ppo_kl"] != 0.0  # step 2 is off-policy
