@@ -117,10 +117,11 @@ def test_second_step_of_a_rollout_is_off_policy(ckpt):
     assert m["ppo_kl"] != 0.0
 
 
-@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean", "constant"])
-def test_loss_and_grads_independent_of_packing(ckpt, reduction):
+@pytest.mark.parametrize("reduction,estimator", [("sequence_mean", "grpo"), ("token_mean", "gspo"),
+                                                  ("constant", "reinforce_plus_plus_baseline")])
+def test_loss_and_grads_independent_of_packing(ckpt, reduction, estimator):
     algo = AlgoConfig(loss_reduction=reduction, loss_reduction_constant=16, entropy_coef=0.01,
-                      use_tis=True, normalize_advantages=True)
+                      use_tis=True, normalize_advantages=True, advantage_estimator=estimator, eps_clip_c=3.0)
     batch = make_batch(6, seed=3, rollout_lp=True)
     results = []
     for kw in (dict(micro_batch_size=1), dict(micro_batch_size=6),
