@@ -165,8 +165,13 @@ def test_to_train_batch_masks_rewards_and_post_process():
     args = argparse.Namespace(reward_key="score", custom_reward_post_process_path=None)
     batch = to_train_batch(args, samples)
     assert batch[0] == {"tokens": [1, 2, 3, 4], "response_length": 2, "loss_mask": [1, 1], "reward": 1.0,
-                        "rollout_log_probs": [-0.5, -0.25], "group_index": 0, "advantages": None}
-    assert batch[1]["loss_mask"] == [0] and batch[1]["reward"] == 0.0  # remove_sample zeroes the mask
+                        "rollout_log_probs": [-0.5, -0.25], "group_index": 0, "advantages": None,
+                        "remove_sample": False}
+    assert batch[1]["remove_sample"] is True and batch[1]["reward"] == 0.0  # the trainer masks it, keeps its reward
+    from miles.trainer.batch import validate_batch
+
+    checked = validate_batch(batch, vocab_size=16, n_samples_per_prompt=2)  # the trainer accepts the records
+    assert [s.remove_sample for s in checked] == [False, True]
     for s in samples:
         s.reward = 3.0
     args.custom_reward_post_process_path = "test_cluster.halve"

@@ -66,6 +66,12 @@ def post_process(args, samples):
     return raw, out
 
 
+def remove_first_of_group(args, data):
+    """slime's --rollout-sample-filter-path: `fn(args, groups) -> None`, marks samples `remove_sample`."""
+    for group in data:
+        group[0].remove_sample = True
+
+
 def stuck_rollout(args, rollout_id, data_source, evaluation=False):
     time.sleep(3600)
 
@@ -148,8 +154,10 @@ def test_sync_colocated_ipc_two_ranks_two_engines(env):
 
 def test_sync_disk_transport(env):
     hist = _train(_argv(env, "disk", "--update-weight-transport", "disk", "--check-weight-update-equal",
-                        steps=1))
+                        "--rollout-sample-filter-path", "test_train.remove_first_of_group", steps=1))
     _check_on_policy(hist)
+    m = hist[0]  # the removed first sample of each group trains no token; the step still runs
+    assert m["train/step"] == 1.0 and 0 < m["train/train_tokens"] < m["rollout/response_len_mean"] * 4
 
 
 def test_async_one_step_off_moe(env):

@@ -61,8 +61,6 @@ def to_train_batch(args: Any, samples: list) -> list[dict]:
     batch = []
     for i, s in enumerate(samples):
         mask = list(s.loss_mask) if s.loss_mask is not None else [1] * s.response_length
-        if getattr(s, "remove_sample", False):
-            mask = [0] * s.response_length
         batch.append(
             {
                 "tokens": list(s.tokens),
@@ -72,6 +70,7 @@ def to_train_batch(args: Any, samples: list) -> list[dict]:
                 "rollout_log_probs": list(s.rollout_log_probs) if s.rollout_log_probs is not None else None,
                 "group_index": s.group_index,
                 "advantages": advantages[i] if advantages is not None else None,
+                "remove_sample": bool(getattr(s, "remove_sample", False)),  # in group stats, trains no token
             }
         )
     return batch
