@@ -1,9 +1,10 @@
 """`miles demo`: the embedded default -- GRPO on 2-3 digit addition, on CPU, in a few minutes.
 
 Runs exactly what a user runs: ``miles train --config examples/addition/config.yaml`` (1 trainer process +
-1 engine process on local Ray), then ``miles plot`` on the run directory, and prints the held-out accuracy
-before and after training. Extra arguments are passed to ``miles train`` (e.g. ``--num-rollout 10``,
-``--device cuda``).
+1 engine process on local Ray; the final policy is exported to ``<run dir>/final_hf``), then ``miles plot`` on
+the run directory, and prints the held-out accuracy before and after training -- the run's own greedy eval,
+plus a breakdown (exact match vs. right value in any style, e.g. "0357") of the start and final checkpoints.
+Extra arguments after ``--`` go to ``miles train`` (e.g. ``--num-rollout 10``, ``--device cuda``).
 
     miles demo                          # full run, runs/demo-<time>/
     miles demo --run-dir DIR -- --num-rollout 5 --eval-interval 5
@@ -12,6 +13,7 @@ before and after training. Extra arguments are passed to ``miles train`` (e.g. `
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -44,6 +46,19 @@ def summarize(run_dir: Path) -> dict:
     }
 
 
+def breakdown(example: Path, checkpoints: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Greedy exact / value match on the held-out set for each checkpoint (example's evaluate.py, in-process)."""
+    spec = importlib.util.spec_from_file_location("miles_example_evaluate", example / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.load_rows(example / "data" / "eval.jsonl")
+    out = {}
+    for name, path in checkpoints.items():
+        exact, value = mod.accuracy(path, rows, 0.0, with_value=True)
+        out[name] = {"exact": exact, "value": value}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -68,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from miles.cluster.cli import main as train_main
     from miles.plot import main as plot_main
 
-    train_argv = ["--config", str(config), *_paths_argv(example), "--run-dir", str(run_dir), *extra]
+    train_argv = ["--config", str(config), *_paths_argv(example), "--run-dir", str(run_dir),
+                  "--save", str(run_dir / "checkpoints"), "--save-hf", str(run_dir / "final_hf"), *extra]
     print("miles demo: miles train " + " ".join(train_argv), flush=True)
     t0 = time.perf_counter()
     rc = train_main(train_argv)
@@ -79,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     if rc:
         return rc
     s = summarize(run_dir)
-    (run_dir / "demo_summary.json").write_text(json.dumps({**s, "wall_seconds": wall}, indent=2) + "\n")
+    b = breakdown(example, {"before": example / "checkpoint", "after": run_dir / "final_hf"})
+    (run_dir / "demo_summary.json").write_text(json.dumps({**s, "wall_seconds": wall, "greedy": b}, indent=2) + "\n")
     print(f"\nmiles demo: {s['steps']} GRPO steps in {wall:.0f}s; held-out exact match (greedy, 500 unseen prompts): "
           f"{s['heldout_before']:.1%} -> {s['heldout_after']:.1%} (after {s['updates_at_last_eval']} updates); "
           f"train reward {s['reward_first']:.2f} -> {s['reward_last']:.2f}")
+    print(f"miles demo: right value in any style (e.g. 0357): {b['before']['value']:.1%} -> {b['after']['value']:.1%}; "
+          f"exact (canonical style): {b['before']['exact']:.1%} -> {b['after']['exact']:.1%}")
     print(f"miles demo: metrics {run_dir / 'metrics.jsonl'}, plots {run_dir / 'plots'}")
     return 0
 
