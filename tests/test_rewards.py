@@ -198,3 +198,26 @@ def test_aborted_or_prescored_samples_are_skipped():
     a.status = Sample.Status.ABORTED
     stats = asyncio.run(score_samples(args, [a, b]))
     assert a.reward is None and b.reward == 0.25 and stats.calls == 0
+
+
+def test_reward_seconds_is_wall_clock_not_sum_of_concurrent_calls():
+    import asyncio as _asyncio
+    import time as _time
+
+    from miles.rollout.rewards.executor import RewardStats, _guarded
+
+    async def slow(args, sample):
+        await _asyncio.sleep(0.2)
+        return 1.0
+
+    args = default_args(rm_timeout=5.0)
+    stats = RewardStats()
+
+    async def main():
+        await _asyncio.gather(*[_guarded(slow, (args, None), args, stats) for _ in range(10)])
+
+    t0 = _time.perf_counter()
+    _asyncio.run(main())
+    wall = _time.perf_counter() - t0
+    assert stats.calls == 10
+    assert 0.19 <= stats.seconds <= wall + 1e-3  # ten overlapping 0.2 s calls take ~0.2 s, not 2 s

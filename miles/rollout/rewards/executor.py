@@ -26,7 +26,21 @@ class RewardStats:
     errors: int = 0
     timeouts: int = 0
     first_error: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock time with at least one reward call in flight (not the sum over calls)
+    _in_flight: int = 0
+    _busy_since: float = 0.0
+
+    def begin(self) -> None:
+        """A reward call starts; opens a busy interval if none is open."""
+        if self._in_flight == 0:
+            self._busy_since = time.perf_counter()
+        self._in_flight += 1
+
+    def end(self) -> None:
+        """A reward call ends; closes the busy interval when it was the last one in flight."""
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self.seconds += time.perf_counter() - self._busy_since
 
     def fail(self, kind: str, message: str, n: int = 1) -> None:
         """Count `n` samples that got the default reward because of an error or a timeout."""
@@ -77,7 +91,7 @@ def _describe(fn: Callable, e: BaseException | None, timeout: float) -> str:
 async def _guarded(fn: Callable, call_args: tuple, args: Any, stats: RewardStats, n: int = 1) -> tuple[bool, Any]:
     timeout = float(getattr(args, "rm_timeout", 60.0))
     stats.calls += 1
-    t0 = time.perf_counter()
+    stats.begin()
     try:
         return True, await asyncio.wait_for(call_maybe_async(fn, *call_args), timeout=timeout)
     except asyncio.TimeoutError:
@@ -85,7 +99,7 @@ async def _guarded(fn: Callable, call_args: tuple, args: Any, stats: RewardStats
     except Exception as e:  # a reward bug must not stop the job
         stats.fail("error", _describe(fn, e, timeout), n)
     finally:
-        stats.seconds += time.perf_counter() - t0
+        stats.end()
     return False, None
 
 
