@@ -408,3 +408,18 @@ def test_sample_filter_and_all_samples_process_hooks(tmp_path, tok, tok_dir):
         assert out.metrics["rollout/removed_samples"] == 2
         assert set(SEEN["groups"]) == {prompt_of(1), prompt_of(2), prompt_of(3)}  # includes the dropped group 3
         assert SEEN["get_samples"] == src.get_samples
+
+
+def test_deterministic_sampling_sends_a_seed_per_sample(tmp_path, tok, tok_dir):
+    with server_for(tok, Script(tok)) as server:
+        path = write_prompts(tmp_path / "p.jsonl", range(1, 4))
+        args = rollout_args(path, server, tok_dir, rollout_deterministic_sampling=True, rollout_seed=100,
+                            dynamic_sampling_filter_path=None)
+        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
+        seeds = sorted(r["sampling_params"]["sampling_seed"] for r in server.requests)
+        indices = sorted(s.index for g in out.samples for s in g)
+        assert seeds == [100 + i for i in indices] and len(set(seeds)) == 6
+    with server_for(tok, Script(tok)) as server:  # off by default: the engine draws its own randomness
+        args = rollout_args(path, server, tok_dir, dynamic_sampling_filter_path=None)
+        generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
+        assert all("sampling_seed" not in r["sampling_params"] for r in server.requests)

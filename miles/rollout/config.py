@@ -53,6 +53,10 @@ class RolloutConfig:
     rollout_stop: list[str] | None = _f(None, "Stop strings.", nargs="+")
     rollout_stop_token_ids: list[int] | None = _f(None, "Stop token ids.", nargs="+")
     rollout_skip_special_tokens: bool = _f(False, "Passed to the server as skip_special_tokens.")
+    rollout_deterministic_sampling: bool = _f(
+        False, "Send sampling_seed = rollout_seed + sample.index with each request (slime's deterministic "
+        "inference): a rerun or a resume samples the same tokens."
+    )
     partial_rollout: bool = _f(False, "Return groups aborted mid-generation to the buffer; continue them later.")
     mask_offpolicy_in_partial_rollout: bool = _f(False, "Resumed samples: earlier tokens get loss mask 0.")
     dynamic_sampling_filter_path: str | None = _f(None, "Per-group filter `fn(args, samples) -> keep`.")

@@ -124,6 +124,8 @@ async def generate_one(state: _State, sample: Sample) -> Sample | list[Sample]:
         path = sample.generate_function_path or getattr(args, "custom_generate_function_path", None)
         fn = load_function(path) if path else default_generate
         params = copy.deepcopy(state.sampling_params)
+        if getattr(args, "rollout_deterministic_sampling", False):
+            params["sampling_seed"] = int(getattr(args, "rollout_seed", 0)) + sample.index
         t0 = time.perf_counter()
         if state.evaluation and accepts_kwarg(fn, "evaluation"):
             out = await fn(args, sample, params, evaluation=True)
