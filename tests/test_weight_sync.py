@@ -12,6 +12,7 @@ import torch
 
 from miles.cluster import weight_sync as ws
 from miles.cluster.actors import free_port
+from miles.trainer.weights import bucketize
 
 
 def test_flatten_roundtrip_mixed_dtypes():
@@ -27,7 +28,7 @@ def test_flatten_roundtrip_mixed_dtypes():
 
 def test_iter_buckets_respects_size():
     items = [(f"t{i}", torch.zeros(n)) for i, n in enumerate([10, 10, 30, 5, 100, 1])]  # fp32: 4 bytes each
-    buckets = list(ws.iter_buckets(items, max_bytes=80))
+    buckets = list(bucketize(items, max_bytes=80))
     assert [[n for n, _ in b] for b in buckets] == [["t0", "t1"], ["t2"], ["t3"], ["t4"], ["t5"]]
 
 
@@ -88,7 +89,7 @@ def test_disk_transport_updates_a_real_server(tiny_ckpt, tmp_path):
         model = load_model(tiny_ckpt, dtype=torch.float32, device="cpu")
         new = {n: t.detach() * 1.5 + 0.01 for n, t in hf_items(model)}
         transport = ws.DiskTransport(str(tmp_path / "sync"), [server.url], str(tiny_ckpt))
-        stats = ws.push_weights(ws.iter_buckets(new.items(), 64 * 1024), transport, version=7)
+        stats = ws.push_weights(bucketize(new.items(), 64 * 1024), transport, version=7)
         assert stats["weight_sync/buckets"] > 1 and stats["weight_sync/tensors"] == len(new)
         assert httpx.get(server.url + "/get_weight_version").json()["weight_version"] == "7"
         got = server.async_engine.call_sync(lambda e: {n: t.detach().clone() for n, t in hf_items(e.model)})

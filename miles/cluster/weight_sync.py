@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,21 +238,6 @@ def push_weights(buckets: Iterable[Bucket], transport: Transport | None, version
         "weight_sync/bytes": n_bytes,
         "weight_sync/push_seconds": time.perf_counter() - t0,
     }
-
-
-def iter_buckets(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[Bucket]:
-    """Group (name, tensor) pairs into buckets of at most `max_bytes` (a larger tensor gets its own bucket)."""
-    bucket: Bucket = []
-    size = 0
-    for name, t in items:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > max_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 def sync_weights(trainers: list, engines: list, version: int, timeout: float) -> dict[str, Any]:

@@ -7,7 +7,7 @@ models' one name mapping, and yields buckets of about `bucket_bytes`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,16 +39,22 @@ def iter_weight_buckets(trainer: Trainer, bucket_bytes: int, dtype: torch.dtype 
     """Buckets of (hf_name, full tensor), each about bucket_bytes (a bigger tensor gets its own bucket)."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    items = (item for name, full in full_parameters(trainer, dtype)
+             for item in hf_items_from_state_dict(trainer.model_config, [(name, full)]))
+    return bucketize(items, bucket_bytes)
+
+
+def bucketize(items: Iterable[tuple[str, Tensor]], max_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
+    """Group (name, tensor) pairs into buckets of at most `max_bytes` (a larger tensor gets its own bucket)."""
     bucket: list[tuple[str, Tensor]] = []
     size = 0
-    for name, full in full_parameters(trainer, dtype):
-        for hf_name, t in hf_items_from_state_dict(trainer.model_config, [(name, full)]):
-            nbytes = t.numel() * t.element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((hf_name, t))
-            size += nbytes
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
     if bucket:
         yield bucket
 
