@@ -265,6 +265,14 @@ class RLLoop:
         self.progress.advance(_summary(rollout_id, metrics))
 
     # ---- loops ---------------------------------------------------------------------------------
+    def train_and_sync(self, rollout_id: int, samples: list, metrics: dict) -> None:
+        """Train on one rollout, then push weights to the engines every --update-weights-interval steps."""
+        with self.progress.phase("train", rollout_id):
+            metrics.update(self.train(rollout_id, samples))
+        if (rollout_id + 1) % self.args.update_weights_interval == 0:
+            with self.progress.phase("weight sync", rollout_id):
+                metrics.update(self.update_weights(rollout_id + 1))
+
     def run(self) -> list[dict]:
         args = self.args
         start = self.maybe_load()
@@ -292,11 +300,7 @@ class RLLoop:
                 samples, metrics = run_local(lambda rid=rollout_id: self.generate(rid), "rollout", self.timeout,
                                              self._actors(), args.run_dir)
             if not args.debug_rollout_only:
-                with self.progress.phase("train", rollout_id):
-                    metrics.update(self.train(rollout_id, samples))
-                if (rollout_id + 1) % args.update_weights_interval == 0:
-                    with self.progress.phase("weight sync", rollout_id):
-                        metrics.update(self.update_weights(rollout_id + 1))
+                self.train_and_sync(rollout_id, samples, metrics)
             self.finish_step(rollout_id, metrics, None, t_step)
 
     def _async_loop(self, start: int) -> None:
@@ -313,11 +317,7 @@ class RLLoop:
                 samples, metrics = task.result(self.timeout, self._actors(), args.run_dir)
             state = self.loop_state(rollout_id + 1)  # before rollout k+1 draws prompts: what a resume restarts
             task = submit(rollout_id + 1)
-            with self.progress.phase("train", rollout_id):
-                metrics.update(self.train(rollout_id, samples))
-            if (rollout_id + 1) % args.update_weights_interval == 0:
-                with self.progress.phase("weight sync", rollout_id):
-                    metrics.update(self.update_weights(rollout_id + 1))
+            self.train_and_sync(rollout_id, samples, metrics)
             self.finish_step(rollout_id, metrics, state, t_step)
 
 
